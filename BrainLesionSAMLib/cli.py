@@ -1,0 +1,336 @@
+"""The ``brainlesionsam`` command line.
+
+Every subcommand prints a clear message and exits with status 1 on a user error (a
+BrainLesionSAMError), 2 on bad arguments (argparse), 130 when interrupted. Progress goes to
+stderr through tqdm; results (paths, figures) to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import SimpleITK as sitk
+
+from . import __version__
+from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES
+from .engine import Box, resolve_device
+from .errors import BrainLesionSAMError, OutputPathError
+from .io import atomic_output, check_writable, discover_case
+
+DEMO_MARKER = ".brainlesionsam-demo"
+
+
+class TqdmProgress:
+    """Adapter from the engine's (fraction, message) callback to a tqdm bar on stderr."""
+
+    def __init__(self, description: str, disable: bool = False):
+        from tqdm import tqdm
+        self.bar = tqdm(total=100, desc=description, unit="%", leave=False, disable=disable,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.n = int(round(100 * fraction))
+        self.bar.set_postfix_str(message, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _output_path(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"{path} already exists; choose another --out or add --overwrite")
+    return check_writable(path)
+
+
+def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None, case_id: str,
+                 quiet: bool = False) -> dict:
+    from .pipeline import segment_images, write_labels
+
+    progress = TqdmProgress(case_id, disable=quiet)
+    try:
+        box = Box.parse(args.box) if getattr(args, "box", None) else None
+        segmentation = segment_images(inputs, method, device=args.device, box=box, progress=progress,
+                                      batch_size=args.batch_size)
+    finally:
+        progress.close()
+    write_labels(segmentation.result, out, args.label_convention)
+    summary = {"case": case_id, "output": str(out), "method": method.facts.name,
+               "device": segmentation.result.device,
+               **{k: round(v, 3) for k, v in segmentation.timings.items()}}
+    if report_dir is not None:
+        from .report import lesion_volumes, write_report
+
+        report_dir.mkdir(parents=True, exist_ok=True)
+        case = segmentation.case
+        images = {m: case.images[MODALITIES.index(m)] for m in case.modalities}
+        labels = segmentation.label_array
+        paths = write_report(report_dir, images, labels, case.spacing_zyx, label_set=segmentation.result.label_set,
+                             case_id=case_id, extra={**summary, "inputs": {k: str(v) for k, v in inputs.items()}})
+        summary["report"] = {k: str(v) for k, v in paths.items()}
+        summary["volumes_ml"] = lesion_volumes(labels, case.spacing_zyx, segmentation.result.label_set)
+    return summary
+
+
+def _load(args):
+    from .checkpoints import load_method
+    return load_method(args.method, args.weights)
+
+
+def command_segment(args) -> int:
+    from .pipeline import case_inputs
+
+    files = {m: getattr(args, m) for m in MODALITIES}
+    if args.case_dir is None and not any(files.values()):
+        raise BrainLesionSAMError("no input: give --case-dir DIR or the volumes with --t1/--t1ce/--t2/--flair")
+    inputs = case_inputs(args.case_dir, files)
+    out = _output_path(args.out, args.overwrite)
+    method = _load(args)
+    method.facts.check_modalities(list(inputs))
+    case_id = args.case_dir.name if args.case_dir else out.name.split(".")[0]
+    summary = _segment_one(inputs, method, args, out, args.report, case_id)
+    print(f"wrote {out}")
+    if "report" in summary:
+        for path in summary["report"].values():
+            print(f"wrote {path}")
+    return 0
+
+
+def _case_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise BrainLesionSAMError(f"input folder {root} does not exist")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def command_batch(args) -> int:
+    from .pipeline import case_inputs
+
+    folders = _case_folders(args.input)
+    if not folders:
+        raise BrainLesionSAMError(f"no case folders in {args.input}; each case is a sub-folder with its volumes")
+    args.output.mkdir(parents=True, exist_ok=True)
+    check_writable(args.output / "summary.csv")
+    method = _load(args)
+    rows = []
+    for index, folder in enumerate(folders, 1):
+        out = args.output / f"{folder.name}.nii.gz"
+        row = {"case": folder.name, "status": "", "seconds": "", "output": str(out), "error": ""}
+        if out.exists():
+            row["status"] = "skipped (already done)"
+            rows.append(row)
+            print(f"[{index}/{len(folders)}] {folder.name}: already done, skipped")
+            continue
+        start = time.perf_counter()
+        try:
+            inputs = case_inputs(folder)
+            method.facts.check_modalities(list(inputs))
+            report_dir = args.output / "reports" if args.report else None
+            _segment_one(inputs, method, args, out, report_dir, folder.name)
+            row["status"] = "done"
+        except Exception as error:  # one failing case must not stop the others
+            row["status"] = "failed"
+            row["error"] = str(error) if isinstance(error, BrainLesionSAMError) else f"{type(error).__name__}: {error}"
+        row["seconds"] = f"{time.perf_counter() - start:.1f}"
+        rows.append(row)
+        print(f"[{index}/{len(folders)}] {folder.name}: {row['status']} {row['error']}".rstrip())
+    summary = args.output / "summary.csv"
+    with atomic_output(summary) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(f"wrote {summary}: {len(rows) - failed} of {len(rows)} cases done or skipped, {failed} failed")
+    return 1 if failed else 0
+
+
+def command_evaluate(args) -> int:
+    from .metrics import evaluate_folders
+
+    _output_path(args.out, args.overwrite)
+    rows = evaluate_folders(args.pred, args.gt, args.out)
+    mean = next((r for r in rows if r.get("case") == "mean"), None)
+    if mean is not None:
+        shown = {k: v for k, v in mean.items() if k.endswith("dice")}
+        print("mean " + "  ".join(f"{k}={float(v):.4f}" for k, v in shown.items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def gather_info() -> dict:
+    import torch
+    from .methods import build_method, get_method_class, method_names
+
+    methods = []
+    for name in method_names():
+        cls = get_method_class(name)
+        entry = cls.facts.as_dict()
+        entry["parameters"] = build_method(name).parameter_counts()
+        entry["default_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cls.default_config.items()}
+        entry["packaged_weights"] = cls.packaged_weights
+        methods.append(entry)
+    devices = [{"name": "cpu", "threads": torch.get_num_threads()}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            devices.append({"name": f"cuda:{i}", "gpu": torch.cuda.get_device_name(i),
+                            "free_memory_gb": round(free / 2**30, 2), "total_memory_gb": round(total / 2**30, 2)})
+    versions = {"brainlesionsam": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "cuda": torch.version.cuda}
+    for package in ("torchvision", "monai", "SimpleITK", "numpy", "segment_anything", "safetensors"):
+        try:
+            module = __import__(package)
+            versions[package] = getattr(module, "__version__", getattr(module, "Version", lambda: "?")())
+        except ImportError:
+            versions[package] = None
+    return {"methods": methods, "devices": devices, "versions": versions}
+
+
+def command_info(args) -> int:
+    info = gather_info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"BrainLesionSAM {info['versions']['brainlesionsam']} (torch {info['versions']['torch']}, "
+          f"CUDA {info['versions']['cuda'] or 'none'})")
+    print("devices: " + ", ".join(d.get("gpu", d["name"]) for d in info["devices"]))
+    for m in info["methods"]:
+        modalities = ", ".join(MODALITY_DISPLAY_NAMES[k] + ("" if k in m["required_modalities"] else "?")
+                               for k in m["modalities"])
+        print(f"  {m['name']:10s} {m['title']}\n             {m['spatial_dims']}D, labels {m['label_set']}, "
+              f"modalities {modalities} (? = optional), box prompt {'yes' if m['promptable'] else 'no'}, "
+              f"parameters {m['parameters']['total']:,} ({m['parameters']['trainable']:,} trainable)")
+    return 0
+
+
+def command_sample(args) -> int:
+    from .sample import generate_cases
+
+    progress = TqdmProgress("generating")
+    try:
+        paths = generate_cases(args.out, args.n, args.seed, resolution=args.resolution,
+                               label_convention=args.label_convention, progress=progress)
+    finally:
+        progress.close()
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def command_demo(args) -> int:
+    """Generate the embedded sample case, segment it with the packaged baseline, report, evaluate."""
+    from .metrics import evaluate_labels
+    from .sample import SAMPLE_CASE_SEED, SampleParameters, generate_case, write_case
+
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+        raise OutputPathError(f"{out} exists and holds files that the demo did not write; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `brainlesionsam demo`; its files are replaced on the next run\n")
+    case_id = "BLSAM_sample"
+    case_dir = out / "cases" / case_id
+    if not case_dir.is_dir():
+        print(f"generating the sample case (seed {SAMPLE_CASE_SEED}) from the MNI152 template")
+        write_case(generate_case(SampleParameters.random(SAMPLE_CASE_SEED, resolution=1)), out / "cases", case_id)
+    method = _load(args)
+    labels_path = out / f"{case_id}_{args.method}.nii.gz"
+    found = discover_case(case_dir)
+    inputs = {k: v for k, v in found.items() if k in MODALITIES}
+    start = time.perf_counter()
+    summary = _segment_one(inputs, method, args, labels_path, out / "report", case_id)
+    seconds = time.perf_counter() - start
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
+    truth_image = sitk.ReadImage(str(found["seg"]))
+    scores = evaluate_labels(prediction, sitk.GetArrayFromImage(truth_image),
+                             tuple(reversed(truth_image.GetSpacing())))
+    print(f"segmented {case_id} with {args.method} on {summary['device']} in {seconds:.1f} s")
+    print("Dice against the generated ground truth: " +
+          "  ".join(f"{region}={scores[region]['dice']:.3f}" for region in ("WT", "TC", "ET") if region in scores))
+    print(f"wrote {labels_path}")
+    for path in summary["report"].values():
+        print(f"wrote {path}")
+    print(f"demo output folder: {out.resolve()}")
+    return 0
+
+
+def _add_inference_options(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:
+    parser.add_argument("--method", required=default_method is None, default=default_method,
+                        help="registered method name (see `brainlesionsam info`)")
+    parser.add_argument("--weights", type=Path, help="weights file (.safetensors); default: packaged weights")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--batch-size", type=int, default=8, help="slices (or patches) per forward pass")
+    parser.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"),
+                        help="output numbering: ET = 4 (BraTS 2021) or 3 (BraTS 2023)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainlesionsam", description="Multi-modal brain-lesion segmentation "
+                                     "with Segment-Anything-based networks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    segment = sub.add_parser("segment", help="segment one case")
+    segment.add_argument("--case-dir", type=Path, help="folder with the case's volumes (found by name)")
+    for m in MODALITIES:
+        segment.add_argument(f"--{m}", type=Path, help=f"{MODALITY_DISPLAY_NAMES[m]} volume (overrides --case-dir)")
+    _add_inference_options(segment)
+    segment.add_argument("--box", help="x0,y0,z0,x1,y1,z1 voxel indices of the reference volume (inclusive)")
+    segment.add_argument("--out", type=Path, required=True, help="label volume to write (.nii.gz, .nrrd, ...)")
+    segment.add_argument("--report", type=Path, help="folder for the QC picture and lesion volumes (JSON/CSV)")
+    segment.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    segment.set_defaults(handler=command_segment)
+
+    batch = sub.add_parser("batch", help="segment every case folder under --input")
+    batch.add_argument("--input", type=Path, required=True)
+    batch.add_argument("--output", type=Path, required=True)
+    batch.add_argument("--report", action="store_true", help="also write QC pictures and volumes per case")
+    _add_inference_options(batch)
+    batch.set_defaults(handler=command_batch)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of predictions against ground truth")
+    evaluate.add_argument("--pred", type=Path, required=True, help="folder of <case>.nii.gz predictions")
+    evaluate.add_argument("--gt", type=Path, required=True, help="ground truth: BraTS case folders or <case>.nii.gz")
+    evaluate.add_argument("--out", type=Path, required=True, help="CSV to write")
+    evaluate.add_argument("--overwrite", action="store_true")
+    evaluate.set_defaults(handler=command_evaluate)
+
+    info = sub.add_parser("info", help="methods, devices and versions")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=command_info)
+
+    sample = sub.add_parser("sample", help="generate BraTS-like sample cases on the MNI152 template")
+    sample.add_argument("--out", type=Path, required=True)
+    sample.add_argument("--n", type=int, default=1)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--resolution", type=int, default=1, choices=(1, 2), help="1 mm (240x240x155) or 2 mm")
+    sample.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"))
+    sample.set_defaults(handler=command_sample)
+
+    demo = sub.add_parser("demo", help="segment the embedded sample case and write a report")
+    demo.add_argument("--out", type=Path, default=Path("brainlesionsam-demo"))
+    _add_inference_options(demo, default_method="unet2d")
+    demo.set_defaults(handler=command_demo, box=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "device", None):
+            resolve_device(args.device)
+        return args.handler(args)
+    except BrainLesionSAMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""One inference engine for every method.
+
+It batches axial slices (2D methods) or runs MONAI's sliding-window inference over patches
+(3D methods), skips slices without brain, picks the device (CUDA when present, else CPU), uses
+mixed precision on CUDA, reports progress as (fraction, message), stops cooperatively between
+batches when asked, and maps the prediction back onto the reference grid voxel for voxel.
+
+A box (``Box``, voxel indices of the reference grid) restricts the result for every method -
+nothing outside it is labelled - and is the prompt of promptable methods on each slice it spans.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import BrainLesionSAMError, CancelledError, GeometryError
+from .methods import SegmentationMethod
+from .preprocessing import PreparedCase
+
+ProgressCallback = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a usable GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BrainLesionSAMError(
+                "device 'cuda' was asked for but torch sees no CUDA GPU (CUDA build: "
+                f"{torch.version.cuda or 'none'}); use --device cpu or auto, or install a CUDA "
+                "build of torch that matches the driver")
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise BrainLesionSAMError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in voxel indices (i = x, j = y, k = z) of the reference grid, corners
+    inclusive - what the CLI's --box and a Slicer ROI converted to IJK give."""
+
+    x0: int
+    y0: int
+    z0: int
+    x1: int
+    y1: int
+    z1: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Box":
+        try:
+            values = [int(round(float(v))) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 6:
+            raise GeometryError(f"box {text!r} is not six numbers x0,y0,z0,x1,y1,z1 (voxel indices)")
+        return cls(*values)
+
+    def clipped_to(self, shape_zyx: tuple[int, int, int]) -> "Box":
+        """Order the corners and clip them to the grid; a box entirely outside is an error."""
+        z, y, x = shape_zyx
+        x0, x1 = sorted((self.x0, self.x1))
+        y0, y1 = sorted((self.y0, self.y1))
+        z0, z1 = sorted((self.z0, self.z1))
+        if x1 < 0 or y1 < 0 or z1 < 0 or x0 >= x or y0 >= y or z0 >= z:
+            raise GeometryError(f"box {self} lies outside the image (size x,y,z = {x},{y},{z}); "
+                                "give voxel indices inside the reference volume")
+        return Box(max(x0, 0), max(y0, 0), max(z0, 0), min(x1, x - 1), min(y1, y - 1), min(z1, z - 1))
+
+    def mask(self, shape_zyx: tuple[int, int, int]) -> np.ndarray:
+        mask = np.zeros(shape_zyx, dtype=bool)
+        mask[self.z0:self.z1 + 1, self.y0:self.y1 + 1, self.x0:self.x1 + 1] = True
+        return mask
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image                      # label values of the method's label set, reference grid
+    label_set: str
+    probabilities: sitk.Image | None        # [Z,Y,X] vector image, one component per class
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class InferenceEngine:
+    """Runs a method over a :class:`PreparedCase`.
+
+    batch_size: slices per forward pass for 2D methods (patches for 3D, as MONAI's sw_batch_size).
+    amp: mixed precision (bfloat16 where supported, else float16) on CUDA; ignored on CPU.
+    """
+
+    def __init__(self, method: SegmentationMethod, device: str | torch.device = "auto",
+                 batch_size: int = 8, amp: bool = True, overlap: float = 0.5):
+        self.device = resolve_device(device)
+        self.method = method.to(self.device).eval()
+        self.batch_size = batch_size
+        self.amp = amp and self.device.type == "cuda"
+        self.overlap = overlap
+
+    def _autocast(self):
+        if not self.amp:
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def segment(self, case: PreparedCase, box: Box | None = None,
+                progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
+                return_probabilities: bool = False) -> SegmentationResult:
+        facts = self.method.facts
+        facts.check_modalities(case.modalities)
+        progress = progress or (lambda fraction, message: None)
+        cancel = cancel or (lambda: False)
+        box = box.clipped_to(case.shape_zyx) if box is not None else None
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if facts.spatial_dims == 2:
+                probabilities = self._segment_slices(case, box, progress, cancel)
+            else:
+                probabilities = self._segment_patches(case, progress, cancel)
+        network_time = time.perf_counter() - start
+
+        progress(0.98, "writing the label volume")
+        start = time.perf_counter()
+        labels_lookup = np.asarray(facts.labels, dtype=np.uint8)
+        inside = case.brain_mask if box is None else case.brain_mask & box.mask(case.shape_zyx)
+        labels = labels_lookup[probabilities.argmax(0)]
+        labels[~inside] = 0
+        label_image = case.to_reference_image(labels)
+        probability_image = None
+        if return_probabilities:
+            probabilities[:, ~inside] = 0.0
+            probabilities[0, ~inside] = 1.0
+            probability_image = sitk.GetImageFromArray(np.moveaxis(probabilities, 0, -1), isVector=True)
+            probability_image.CopyInformation(case.reference)
+        progress(1.0, "done")
+        return SegmentationResult(label_image, facts.label_set, probability_image, str(self.device),
+                                  {"network_s": network_time, "postprocessing_s": time.perf_counter() - start})
+
+    def _segment_slices(self, case: PreparedCase, box: Box | None, progress: ProgressCallback,
+                        cancel: CancelCheck) -> np.ndarray:
+        """[K, Z, Y, X] float32 class probabilities on the reference grid."""
+        facts = self.method.facts
+        geometry = case.slice_geometry
+        num_classes = len(facts.labels)
+        probabilities = np.zeros((num_classes,) + case.shape_zyx, dtype=np.float32)
+        probabilities[0] = 1.0  # slices never run (no brain, outside the box) are background
+        slices = case.brain_slices()
+        if box is not None:
+            slices = slices[(slices >= box.z0) & (slices <= box.z1)]
+        available = torch.as_tensor(case.available, device=self.device)
+        network_box = None
+        if box is not None:
+            network_box = torch.tensor(geometry.box_to_network(box.x0, box.y0, box.x1, box.y1),
+                                       dtype=torch.float32, device=self.device)
+        for done in range(0, len(slices), self.batch_size):
+            if cancel():
+                raise CancelledError("segmentation cancelled; nothing was written")
+            batch = slices[done:done + self.batch_size]
+            progress(done / max(len(slices), 1) * 0.95,
+                     f"{facts.name}: slices {done + 1}-{done + len(batch)} of {len(slices)}")
+            images = case.network_slices(batch).to(self.device)
+            boxes = network_box.expand(len(batch), 4) if (network_box is not None and facts.promptable) else None
+            with self._autocast():
+                batch_probabilities = self.method.predict_proba(
+                    images, available.expand(len(batch), -1), boxes).float()
+            probabilities[:, batch] = geometry.from_network(batch_probabilities).cpu().numpy().transpose(1, 0, 2, 3)
+        if cancel():
+            raise CancelledError("segmentation cancelled; nothing was written")
+        return probabilities
+
+    def _segment_patches(self, case: PreparedCase, progress: ProgressCallback,
+                         cancel: CancelCheck) -> np.ndarray:
+        """3D methods: MONAI sliding-window inference with Gaussian weighting on the reference grid."""
+        from monai.inferers import sliding_window_inference
+
+        facts = self.method.facts
+        volume = torch.as_tensor(case.images[None], device=self.device)
+        available = torch.as_tensor(case.available[None], device=self.device)
+
+        def predictor(patches: torch.Tensor) -> torch.Tensor:
+            if cancel():
+                raise CancelledError("segmentation cancelled; nothing was written")
+            with self._autocast():
+                return self.method.predict_proba(patches, available.expand(len(patches), -1)).float()
+
+        def on_progress(fraction: float) -> None:
+            progress(0.95 * fraction, f"{facts.name}: patches")
+
+        progress(0.0, f"{facts.name}: sliding window over {case.shape_zyx}")
+        output = sliding_window_inference(
+            volume, roi_size=facts.input_size, sw_batch_size=self.batch_size, predictor=predictor,
+            overlap=self.overlap, mode="gaussian", progress=False)
+        on_progress(1.0)
+        return output[0].cpu().numpy().astype(np.float32)

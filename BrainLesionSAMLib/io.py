@@ -1,0 +1,186 @@
+"""Reading and writing images (SimpleITK), case discovery by file name, and safe (atomic) writes.
+
+Every reader validates what a user can get wrong: the file is an image, it is 3D, it is finite and
+not empty or constant. Every writer writes to a temporary name beside the target and renames it
+into place only on success, so a failed or cancelled run leaves no half-written file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES
+from .errors import InputImageError, OutputPathError
+
+# File-name tokens per modality, checked in this order (t1ce before t1, t2f/flair before t2).
+# Covers BraTS 2020/2021 (_t1ce), BraTS 2023+ (-t1c, -t1n, -t2w, -t2f) and common scanner names.
+MODALITY_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("t1ce", r"t1ce|t1c|t1gd|t1\+c|t1post|t1_?contrast|ce_?t1"),
+    ("flair", r"flair|t2f"),
+    ("t2", r"t2w|t2"),
+    ("t1", r"t1n|t1w|t1"),
+)
+LABEL_PATTERN = r"seg|label|mask|roi"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+def modality_from_name(name: str) -> str | None:
+    """Guess the modality key of a file or node name, or None. Tokens must stand alone
+    (delimited by start/end, '_', '-', '.', or space), so 'patient_t1ce' is T1CE, not T1."""
+    stem = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    tokens = re.split(r"[_\-. ]+", stem)
+    for key, pattern in MODALITY_PATTERNS:
+        if any(re.fullmatch(pattern, token) for token in tokens):
+            return key
+    return None
+
+
+def _is_label_name(name: str) -> bool:
+    stem = name.lower().split(".")[0]
+    return any(re.fullmatch(LABEL_PATTERN, t) for t in re.split(r"[_\-. ]+", stem))
+
+
+def discover_case(folder: str | os.PathLike) -> dict[str, Path]:
+    """Map modality keys to image paths found in ``folder`` by their names.
+
+    Also returns the ground-truth label map under the key ``'seg'`` when one is present.
+    A DICOM series stored as a sub-folder named after its modality is found as well.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputImageError(f"case folder {folder} does not exist or is not a folder")
+    found: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        is_image_file = entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES)
+        if not (is_image_file or entry.is_dir()):
+            continue
+        if _is_label_name(entry.name):
+            found.setdefault("seg", entry)
+            continue
+        key = modality_from_name(entry.name)
+        if key is None:
+            continue
+        if key in found:
+            raise InputImageError(
+                f"two files in {folder} look like {MODALITY_DISPLAY_NAMES[key]}: "
+                f"{found[key].name} and {entry.name}; pass the files explicitly with --{key}"
+            )
+        found[key] = entry
+    return found
+
+
+def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+    """Read a 3D scalar volume from a file or a DICOM series folder and validate it.
+
+    ``what`` names the input in error messages (e.g. 'FLAIR').
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputImageError(f"{what} file {path} does not exist; check the path")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InputImageError(
+                    f"{what} folder {path} contains no DICOM series; give a DICOM series folder "
+                    "or an image file (NIfTI, NRRD, MHA)")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise InputImageError(
+            f"{what} file {path} is not a readable image ({first_line}); "
+            "give a NIfTI, NRRD, MHA file or a DICOM series folder") from None
+    return validate_image(image, f"{what} ({path})")
+
+
+def validate_image(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """Check that ``image`` is a usable 3D scalar volume; returns it as float32."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputImageError(
+            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "give a single-channel (scalar) volume")
+    dimension = image.GetDimension()
+    if dimension == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    elif dimension != 3:
+        raise InputImageError(
+            f"{what} is {dimension}D (size {image.GetSize()}); a 3D volume is needed"
+            + (" - split the 4D series and pass one volume" if dimension == 4 else ""))
+    if min(image.GetSize()) < 2:
+        raise InputImageError(f"{what} has size {image.GetSize()}; a 3D volume with at least "
+                              "2 voxels along every axis is needed (is this a single 2D slice?)")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(array)):
+        raise InputImageError(f"{what} contains NaN or infinite voxels; fix or re-export the volume")
+    if float(array.max()) == float(array.min()):
+        raise InputImageError(f"{what} is constant (every voxel {float(array.max())}); "
+                              "it holds no image - check that the right file was exported")
+    return image
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Fail early, before any computation, if ``path`` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"output folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"output folder {parent} is not writable; choose another path")
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"{path} already exists; choose another name or allow overwriting")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it into place, else delete it.
+
+    The temporary name keeps the file's suffix so that writers choosing a format by extension work.
+    """
+    path = check_writable(path)
+    name = path.name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), path.suffix)
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=f".part{suffix}", dir=path.parent)
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, path)
+    finally:
+        if temporary_path.exists():
+            temporary_path.unlink()
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=compress)
+    return path
+
+
+def copy_geometry(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Wrap a [z, y, x] array as an image on exactly ``reference``'s grid."""
+    if tuple(reversed(array.shape)) != tuple(reference.GetSize()):
+        raise ValueError(f"array shape {array.shape} does not match reference size {reference.GetSize()}")
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image

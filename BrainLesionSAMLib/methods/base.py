@@ -1,0 +1,138 @@
+"""The one contract every segmentation method follows.
+
+A method is an ``nn.Module`` subclass of :class:`SegmentationMethod` with class-level
+:class:`MethodFacts` (what the engine and the GUI read instead of special-casing names) and a
+``default_config`` (the paper's hyper-parameters). Register it with :func:`register_method`.
+
+Tensor conventions (B batch, M = 4 modality channels in ``MODALITIES`` order, K classes):
+
+- 2D methods: ``images`` [B, 4, 256, 256] float in [0, 255] (zeros for missing modalities),
+  ``available`` [B, 4] bool, ``boxes`` [B, 4] float (x0, y0, x1, y1) in network pixels or None.
+- 3D methods: ``images`` [B, 4, D, H, W] patches, same value range.
+- Output of ``forward``: logits [B, K, ...]; channel k is label value ``LABEL_SETS[label_set][k]``.
+  ``predict_proba`` returns class probabilities summing to 1 over K (softmax of the logits unless
+  a method decodes classes differently and overrides it).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..conventions import LABEL_SETS, MODALITIES, MODALITY_DISPLAY_NAMES
+from ..errors import MissingModalityError, UnknownMethodError
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    name: str                             # registry key, e.g. 'unet2d'
+    title: str                            # what the GUI shows
+    modalities: tuple[str, ...]           # accepted modalities, an ordered subset of MODALITIES
+    required_modalities: tuple[str, ...]  # must be present; the others may be missing
+    spatial_dims: int                     # 2 (slice-wise) or 3 (patch-based)
+    label_set: str                        # key of LABEL_SETS: 'brats' or 'lesion'
+    promptable: bool                      # accepts a box prompt
+    cacheable_embeddings: bool            # a box refinement can re-run only the light decoder
+    input_size: tuple[int, ...]           # (256, 256) for 2D; the patch size for 3D
+    reference: str = ""                   # the paper
+
+    def __post_init__(self):
+        if not set(self.modalities) <= set(MODALITIES) or not self.modalities:
+            raise ValueError(f"{self.name}: modalities must be a non-empty subset of {MODALITIES}")
+        if not set(self.required_modalities) <= set(self.modalities):
+            raise ValueError(f"{self.name}: required modalities must be accepted modalities")
+        if self.spatial_dims not in (2, 3) or len(self.input_size) != self.spatial_dims:
+            raise ValueError(f"{self.name}: spatial_dims must be 2 or 3 and match input_size")
+        if self.label_set not in LABEL_SETS:
+            raise ValueError(f"{self.name}: unknown label set {self.label_set!r}")
+
+    @property
+    def tolerates_missing(self) -> bool:
+        return set(self.required_modalities) != set(self.modalities)
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return LABEL_SETS[self.label_set]
+
+    def check_modalities(self, given: tuple[str, ...] | list[str]) -> None:
+        """Raise MissingModalityError naming what is missing and what the method needs."""
+        missing = [m for m in self.required_modalities if m not in given]
+        if missing:
+            names = ", ".join(MODALITY_DISPLAY_NAMES[m] for m in missing)
+            needed = ", ".join(MODALITY_DISPLAY_NAMES[m] for m in self.required_modalities)
+            raise MissingModalityError(
+                f"method '{self.name}' needs {needed}; missing: {names}. Give the missing volume(s) "
+                "or choose a method that accepts the modalities you have (see `brainlesionsam info`)")
+        if not any(m in given for m in self.modalities):
+            accepted = ", ".join(MODALITY_DISPLAY_NAMES[m] for m in self.modalities)
+            raise MissingModalityError(f"method '{self.name}' needs at least one of {accepted}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "title": self.title, "modalities": list(self.modalities),
+                "required_modalities": list(self.required_modalities),
+                "tolerates_missing": self.tolerates_missing, "spatial_dims": self.spatial_dims,
+                "label_set": self.label_set, "labels": list(self.labels),
+                "promptable": self.promptable, "cacheable_embeddings": self.cacheable_embeddings,
+                "input_size": list(self.input_size), "reference": self.reference}
+
+
+class SegmentationMethod(nn.Module, abc.ABC):
+    """Base class of all methods. Subclasses set ``facts`` and ``default_config`` and implement
+    ``forward``. The constructor takes the config as keyword arguments (unknown keys are an error)."""
+
+    facts: ClassVar[MethodFacts]
+    default_config: ClassVar[dict[str, Any]] = {}
+    # Weights shipped with the package for the sample case (file name under BrainLesionSAMLib/weights).
+    packaged_weights: ClassVar[str | None] = None
+
+    def __init__(self, **config: Any):
+        super().__init__()
+        unknown = set(config) - set(self.default_config)
+        if unknown:
+            raise ValueError(f"{self.facts.name}: unknown config key(s) {sorted(unknown)}; "
+                             f"known: {sorted(self.default_config)}")
+        self.config: dict[str, Any] = {**self.default_config, **config}
+
+    @abc.abstractmethod
+    def forward(self, images: torch.Tensor, available: torch.Tensor,
+                boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, K, ...] for images [B, 4, ...] (see the module docstring)."""
+
+    def predict_proba(self, images: torch.Tensor, available: torch.Tensor,
+                      boxes: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.softmax(self.forward(images, available, boxes).float(), dim=1)
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": total, "trainable": trainable}
+
+
+_REGISTRY: dict[str, type[SegmentationMethod]] = {}
+
+
+def register_method(cls: type[SegmentationMethod]) -> type[SegmentationMethod]:
+    name = cls.facts.name
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__name__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[SegmentationMethod]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method '{name}'; available: {', '.join(method_names())}") from None
+
+
+def build_method(name: str, config: dict[str, Any] | None = None) -> SegmentationMethod:
+    return get_method_class(name)(**(config or {}))

@@ -1,0 +1,264 @@
+"""Preprocessing with an exact inverse: from the user's volumes to network slices and back.
+
+Steps (BrainSegDMIF section 4.2, SOFA's preprocessing):
+
+1. choose a reference modality (T1CE, then FLAIR, T2, T1) - its grid is the output grid;
+2. resample every other modality onto that grid in physical space (SimpleITK, linear), never by
+   array resize; a modality that does not overlap the reference is an error;
+3. per modality: clip to the 0.5-99.5 percentiles of the brain (non-zero) voxels and min-max scale
+   to [0, 255]; voxels outside the brain stay 0;
+4. 2D methods: axial slices (array index z of SimpleITK's [z, y, x]) mapped to 256 x 256 by
+   :class:`SliceGeometry` (zero padding when smaller, bilinear resize preserving the aspect ratio
+   when larger); 3D methods use the [z, y, x] volume on the reference grid directly (patches).
+
+The inverse (:meth:`SliceGeometry.from_network`, :meth:`PreparedCase.to_reference_image`) maps
+predictions back onto the reference grid voxel for voxel: the output has exactly the reference's
+size, spacing, origin and direction. Where a slice is at most 256 x 256 the round trip is exact;
+a larger slice is resized, so its probabilities are resized back (bilinear) before the argmax.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES, REFERENCE_PREFERENCE
+from .errors import GeometryError, InputImageError, MissingModalityError
+from .io import copy_geometry, read_image, validate_image
+
+SLICE_SIZE = 256
+CLIP_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """How an axial slice of ``height`` x ``width`` voxels maps onto the ``size`` x ``size`` grid.
+
+    Smaller slices are zero-padded (centred); larger ones are first scaled by ``scale`` (< 1, the
+    same for both axes so anatomy keeps its aspect ratio) and then padded.
+    """
+
+    height: int
+    width: int
+    size: int = SLICE_SIZE
+
+    @property
+    def scale(self) -> float:
+        return min(1.0, self.size / max(self.height, self.width))
+
+    @property
+    def scaled_shape(self) -> tuple[int, int]:
+        if self.scale == 1.0:
+            return self.height, self.width
+        return (min(self.size, max(1, round(self.height * self.scale))),
+                min(self.size, max(1, round(self.width * self.scale))))
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        """(top, left) zero padding on the network grid."""
+        h, w = self.scaled_shape
+        return (self.size - h) // 2, (self.size - w) // 2
+
+    def to_network(self, slices: np.ndarray | torch.Tensor, nearest: bool = False) -> torch.Tensor:
+        """[N, C, H, W] (or [N, H, W]) -> same on the network grid, float32 (int64 for ``nearest``)."""
+        tensor = torch.as_tensor(np.ascontiguousarray(slices) if isinstance(slices, np.ndarray) else slices)
+        squeeze = tensor.ndim == 3
+        if squeeze:
+            tensor = tensor[:, None]
+        if tensor.shape[-2:] != (self.height, self.width):
+            raise ValueError(f"slices of shape {tuple(tensor.shape[-2:])}, geometry expects "
+                             f"{(self.height, self.width)}")
+        tensor = tensor.float()
+        if self.scale < 1.0:
+            mode = "nearest-exact" if nearest else "bilinear"
+            extra = {} if nearest else {"align_corners": False}
+            tensor = F.interpolate(tensor, size=self.scaled_shape, mode=mode, **extra)
+        h, w = self.scaled_shape
+        top, left = self.padding
+        out = tensor.new_zeros(tensor.shape[:2] + (self.size, self.size))
+        out[..., top:top + h, left:left + w] = tensor
+        if nearest:
+            out = out.round().long()
+        return out[:, 0] if squeeze else out
+
+    def from_network(self, maps: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_network` for [N, K, size, size] maps (probabilities or logits)."""
+        h, w = self.scaled_shape
+        top, left = self.padding
+        cropped = maps[..., top:top + h, left:left + w]
+        if self.scale < 1.0:
+            cropped = F.interpolate(cropped.float(), size=(self.height, self.width), mode="bilinear",
+                                    align_corners=False)
+        return cropped
+
+    def labels_from_network(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """[N, size, size] class indices -> [N, H, W] class indices (one-hot through the inverse)."""
+        if self.scale == 1.0:
+            return self.from_network(labels[:, None])[:, 0]
+        onehot = F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
+        return self.from_network(onehot).argmax(1)
+
+    def box_to_network(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
+        """Map a box in slice voxel indices (x = column, y = row, inclusive corners) to network pixels
+        (x0, y0, x1, y1), the convention of SAM's prompt encoder (pixel edges, exclusive end)."""
+        top, left = self.padding
+        s = self.scale
+        return (x0 * s + left, y0 * s + top, (x1 + 1) * s + left, (y1 + 1) * s + top)
+
+
+def choose_reference(available: list[str] | tuple[str, ...]) -> str:
+    for key in REFERENCE_PREFERENCE:
+        if key in available:
+            return key
+    raise MissingModalityError("no modality given; give at least one of T1, T1CE, T2, FLAIR")
+
+
+def _physical_corners(image: sitk.Image) -> list[tuple[float, ...]]:
+    size = image.GetSize()
+    return [image.TransformContinuousIndexToPhysicalPoint([c - 0.5 for c in corner])
+            for corner in itertools.product(*[(0, s) for s in size])]
+
+
+def check_overlap(moving: sitk.Image, reference: sitk.Image, what: str) -> None:
+    """Raise GeometryError when ``moving``'s physical extent misses ``reference``'s grid entirely."""
+    indices = np.array([reference.TransformPhysicalPointToContinuousIndex(p)
+                        for p in _physical_corners(moving)])
+    low, high = indices.min(0), indices.max(0)
+    size = np.array(reference.GetSize())
+    if np.any(high < -0.5) or np.any(low > size - 0.5):
+        raise GeometryError(
+            f"{what} does not overlap the reference volume in physical space (origin "
+            f"{tuple(round(v, 1) for v in moving.GetOrigin())} vs "
+            f"{tuple(round(v, 1) for v in reference.GetOrigin())}); the volumes are probably from "
+            "different patients or sessions, or one has a wrong header - check the files")
+
+
+def resample_to_reference(moving: sitk.Image, reference: sitk.Image, what: str = "image") -> sitk.Image:
+    """Linear resampling of ``moving`` onto ``reference``'s grid in physical space (identity if same grid)."""
+    if same_grid(moving, reference):
+        return moving
+    check_overlap(moving, reference, what)
+    return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+
+
+def normalize_intensity(array: np.ndarray, what: str = "image") -> np.ndarray:
+    """Percentile clip (0.5-99.5 over non-zero voxels) and min-max scale to [0, 255]; zeros stay 0."""
+    brain = array != 0
+    values = array[brain]
+    if values.size == 0:
+        raise InputImageError(f"{what} has no non-zero voxels; it holds no image")
+    low, high = np.percentile(values, CLIP_PERCENTILES)
+    if high <= low:
+        raise InputImageError(f"{what} has (almost) the same value in every brain voxel; "
+                              "it holds no usable contrast - check the file")
+    out = np.zeros(array.shape, dtype=np.float32)
+    out[brain] = (np.clip(values, low, high) - low) * (255.0 / (high - low))
+    return out
+
+
+@dataclass
+class PreparedCase:
+    """A case ready for any method: normalised volumes on the reference grid.
+
+    images: [4, Z, Y, X] float32 in [0, 255], channels in ``MODALITIES`` order, zeros where missing.
+    available: [4] bool, which channels hold a real modality.
+    reference: the reference image (its grid is the output grid; pixel data not used).
+    brain_mask: [Z, Y, X] bool, voxels non-zero in any available modality.
+    """
+
+    images: np.ndarray
+    available: np.ndarray
+    reference: sitk.Image
+    reference_modality: str
+    brain_mask: np.ndarray
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return tuple(reversed(self.reference.GetSpacing()))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m, a in zip(MODALITIES, self.available) if a)
+
+    @property
+    def slice_geometry(self) -> SliceGeometry:
+        _, height, width = self.shape_zyx
+        return SliceGeometry(height, width)
+
+    def brain_slices(self) -> np.ndarray:
+        """Indices z of axial slices that contain brain."""
+        return np.flatnonzero(self.brain_mask.any(axis=(1, 2)))
+
+    def network_slices(self, z_indices: np.ndarray | list[int]) -> torch.Tensor:
+        """[N, 4, 256, 256] network input for the given axial slices."""
+        slices = self.images[:, z_indices].transpose(1, 0, 2, 3)
+        return self.slice_geometry.to_network(slices)
+
+    def to_reference_image(self, array_zyx: np.ndarray) -> sitk.Image:
+        """Wrap a [Z, Y, X] array as an image with exactly the reference's geometry."""
+        return copy_geometry(array_zyx, self.reference)
+
+
+def prepare_case(images: Mapping[str, sitk.Image | str | os.PathLike],
+                 reference_modality: str | None = None) -> PreparedCase:
+    """Read (if paths), validate, resample onto the reference grid and normalise the given modalities.
+
+    ``images`` maps modality keys ('t1', 't1ce', 't2', 'flair') to images or file paths; any
+    non-empty subset is accepted here (whether a method can use it is the method's business).
+    """
+    unknown = set(images) - set(MODALITIES)
+    if unknown:
+        raise MissingModalityError(f"unknown modality key(s) {sorted(unknown)}; use {list(MODALITIES)}")
+    given = [m for m in MODALITIES if images.get(m) is not None]
+    if not given:
+        raise MissingModalityError("no modality given; give at least one of T1, T1CE, T2, FLAIR")
+    reference_modality = reference_modality or choose_reference(given)
+    if reference_modality not in given:
+        raise MissingModalityError(
+            f"reference modality {MODALITY_DISPLAY_NAMES.get(reference_modality, reference_modality)} "
+            "was not given; choose one of the given modalities")
+
+    loaded: dict[str, sitk.Image] = {}
+    sources: dict[str, str] = {}
+    for key in given:
+        value = images[key]
+        name = MODALITY_DISPLAY_NAMES[key]
+        if isinstance(value, sitk.Image):
+            loaded[key] = validate_image(value, name)
+            sources[key] = "<in memory>"
+        else:
+            loaded[key] = read_image(value, name)
+            sources[key] = str(value)
+
+    reference = loaded[reference_modality]
+    size_zyx = tuple(reversed(reference.GetSize()))
+    volumes = np.zeros((len(MODALITIES),) + size_zyx, dtype=np.float32)
+    available = np.zeros(len(MODALITIES), dtype=bool)
+    for key in given:
+        name = MODALITY_DISPLAY_NAMES[key]
+        image = resample_to_reference(loaded[key], reference, f"{name} ({sources[key]})")
+        index = MODALITIES.index(key)
+        volumes[index] = normalize_intensity(sitk.GetArrayViewFromImage(image), f"{name} ({sources[key]})")
+        available[index] = True
+    brain_mask = (volumes[available] > 0).any(axis=0)
+    geometry_only = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
+    geometry_only.CopyInformation(reference)
+    return PreparedCase(volumes, available, geometry_only, reference_modality, brain_mask, sources)

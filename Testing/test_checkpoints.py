@@ -1,0 +1,71 @@
+"""Checkpoints: safetensors + JSON header, round trip, refusal of wrong or damaged files."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from BrainLesionSAMLib import __version__
+from BrainLesionSAMLib.checkpoints import (HEADER_KEY, PACKAGED_WEIGHTS_DIR, load_checkpoint, load_method,
+                                           read_header, save_checkpoint, verify_file_sha256, file_sha256)
+from BrainLesionSAMLib.errors import UnknownMethodError, WeightsError
+from BrainLesionSAMLib.methods import build_method, get_method_class
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(3)
+    model = build_method("unet2d", {"channels": (8, 16, 32), "strides": (2, 2)}).eval()
+    path = save_checkpoint(model, tmp_path / "m.safetensors", training_data="unit test")
+    loaded = load_method("unet2d", path)
+    assert loaded.config["channels"] == [8, 16, 32]
+    x = torch.rand(2, 4, 64, 64) * 255
+    a = torch.ones(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, a), loaded(x, a), rtol=0, atol=0)
+    header = read_header(path)
+    assert header["method"] == "unet2d" and header["library_version"] == __version__
+    assert header["labels"] == [0, 1, 2, 4] and header["training_data"] == "unit test"
+    with safe_open(str(path), "pt") as handle:  # the header is plain safetensors metadata JSON
+        assert json.loads(handle.metadata()[HEADER_KEY])["sha256"] == header["sha256"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_weights_for_another_method_are_refused(tmp_path):
+    model = build_method("unet2d")
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    with pytest.raises(WeightsError, match="holds weights for method 'unet2d', not 'sofa'"):
+        load_checkpoint(path, expected_method="sofa")
+    with pytest.raises(UnknownMethodError, match="unknown method 'nosuch'"):
+        load_method("nosuch", path)
+
+
+def test_damaged_and_foreign_files_are_refused(tmp_path):
+    path = save_checkpoint(build_method("unet2d"), tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # flip bits in the last tensor's bytes
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="damaged"):
+        load_checkpoint(damaged)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    with pytest.raises(WeightsError, match="not a BrainLesionSAM weights file"):
+        read_header(text)
+    with pytest.raises(WeightsError, match="does not exist"):
+        read_header(tmp_path / "missing.safetensors")
+
+
+def test_file_sha256_verification(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"abc")
+    verify_file_sha256(path, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    with pytest.raises(WeightsError, match="sha256"):
+        verify_file_sha256(path, "0" * 64)
+
+
+def test_packaged_baseline_weights_load():
+    path = PACKAGED_WEIGHTS_DIR / get_method_class("unet2d").packaged_weights
+    assert path.is_file(), "run scripts/train_sample_weights.py to create the packaged weights"
+    model = load_method("unet2d")
+    assert not model.training
+    assert "sample cases" in read_header(path)["training_data"]

@@ -71,7 +71,7 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
         images = {m: case.images[MODALITIES.index(m)] for m in case.modalities}
         labels = segmentation.label_array
         paths = write_report(report_dir, images, labels, case.spacing_zyx, label_set=segmentation.result.label_set,
-                             case_id=case_id, extra={**summary, "inputs": {k: str(v) for k, v in inputs.items()}})
+                             case_id=case_id, direction=case.reference.GetDirection(), extra={**summary, "inputs": {k: str(v) for k, v in inputs.items()}})
         summary["report"] = {k: str(v) for k, v in paths.items()}
         summary["volumes_ml"] = lesion_volumes(labels, case.spacing_zyx, segmentation.result.label_set)
     return summary

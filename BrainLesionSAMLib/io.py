@@ -163,6 +163,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        # mkstemp creates 0600 files; give the result the permissions an ordinary new file gets.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary_path, 0o666 & ~umask)
         os.replace(temporary_path, path)
     finally:
         if temporary_path.exists():

@@ -51,8 +51,9 @@ def augment(images: torch.Tensor, available: torch.Tensor, classes: torch.Tensor
     available = available.clone()
     for b in range(batch):
         if torch.rand(1, generator=generator).item() < drop_probability:
-            present = torch.flatnonzero(available[b])
-            keep = torch.randperm(len(present), generator=generator)[: int(torch.randint(1, len(present) + 1, (1,), generator=generator))]
+            present = torch.nonzero(available[b]).flatten()
+            n_keep = int(torch.randint(1, len(present) + 1, (1,), generator=generator))
+            keep = torch.randperm(len(present), generator=generator)[:n_keep]
             available[b] = False
             available[b, present[keep]] = True
     images = images * available[:, :, None, None]

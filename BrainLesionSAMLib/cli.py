@@ -21,7 +21,7 @@ from . import __version__
 from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from .engine import Box, resolve_device
 from .errors import BrainLesionSAMError, OutputPathError
-from .io import atomic_output, check_writable, discover_case
+from .io import atomic_output, check_writable, discover_case, write_image
 
 DEMO_MARKER = ".brainlesionsam-demo"
 
@@ -55,11 +55,17 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
     progress = TqdmProgress(case_id, disable=quiet)
     try:
         box = Box.parse(args.box) if getattr(args, "box", None) else None
+        probabilities_path = getattr(args, "probabilities", None)
+        if probabilities_path is not None:
+            _output_path(probabilities_path, args.overwrite)
         segmentation = segment_images(inputs, method, device=args.device, box=box, progress=progress,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size,
+                                      return_probabilities=probabilities_path is not None)
     finally:
         progress.close()
     write_labels(segmentation.result, out, args.label_convention)
+    if probabilities_path is not None:
+        write_image(segmentation.result.probabilities, probabilities_path)
     summary = {"case": case_id, "output": str(out), "method": method.facts.name,
                "device": segmentation.result.device,
                **{k: round(v, 3) for k, v in segmentation.timings.items()}}
@@ -113,9 +119,11 @@ def command_batch(args) -> int:
     folders = _case_folders(args.input)
     if not folders:
         raise BrainLesionSAMError(f"no case folders in {args.input}; each case is a sub-folder with its volumes")
+    method = _load(args)
+    if args.output.exists() and not args.output.is_dir():
+        raise OutputPathError(f"--output {args.output} is a file; give a folder for the results")
     args.output.mkdir(parents=True, exist_ok=True)
     check_writable(args.output / "summary.csv")
-    method = _load(args)
     rows = []
     for index, folder in enumerate(folders, 1):
         out = args.output / f"{folder.name}.nii.gz"
@@ -214,7 +222,8 @@ def command_sample(args) -> int:
     progress = TqdmProgress("generating")
     try:
         paths = generate_cases(args.out, args.n, args.seed, resolution=args.resolution,
-                               label_convention=args.label_convention, progress=progress)
+                               label_convention=args.label_convention, progress=progress,
+                               overwrite=args.overwrite)
     finally:
         progress.close()
     for path in paths:
@@ -258,12 +267,19 @@ def command_demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_inference_options(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:
     parser.add_argument("--method", required=default_method is None, default=default_method,
                         help="registered method name (see `brainlesionsam info`)")
     parser.add_argument("--weights", type=Path, help="weights file (.safetensors); default: packaged weights")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--batch-size", type=int, default=8, help="slices (or patches) per forward pass")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="slices (or patches) per forward pass")
     parser.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"),
                         help="output numbering: ET = 4 (BraTS 2021) or 3 (BraTS 2023)")
 
@@ -282,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--box", help="x0,y0,z0,x1,y1,z1 voxel indices of the reference volume (inclusive)")
     segment.add_argument("--out", type=Path, required=True, help="label volume to write (.nii.gz, .nrrd, ...)")
     segment.add_argument("--report", type=Path, help="folder for the QC picture and lesion volumes (JSON/CSV)")
-    segment.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    segment.add_argument("--probabilities", type=Path,
+                         help="also write the class probabilities (one vector component per class)")
+    segment.add_argument("--overwrite", action="store_true", help="replace --out (and --probabilities) if they exist")
     segment.set_defaults(handler=command_segment)
 
     batch = sub.add_parser("batch", help="segment every case folder under --input")
@@ -309,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--resolution", type=int, default=1, choices=(1, 2), help="1 mm (240x240x155) or 2 mm")
     sample.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"))
+    sample.add_argument("--overwrite", action="store_true", help="replace case folders that exist")
     sample.set_defaults(handler=command_sample)
 
     demo = sub.add_parser("demo", help="segment the embedded sample case and write a report")

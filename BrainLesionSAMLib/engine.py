@@ -60,7 +60,7 @@ class Box:
     def parse(cls, text: str) -> "Box":
         try:
             values = [int(round(float(v))) for v in text.split(",")]
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: 'inf'
             values = []
         if len(values) != 6:
             raise GeometryError(f"box {text!r} is not six numbers x0,y0,z0,x1,y1,z1 (voxel indices)")
@@ -101,6 +101,8 @@ class InferenceEngine:
 
     def __init__(self, method: SegmentationMethod, device: str | torch.device = "auto",
                  batch_size: int = 8, amp: bool = True, overlap: float = 0.5):
+        if batch_size < 1:
+            raise BrainLesionSAMError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
         self.method = method.to(self.device).eval()
         self.batch_size = batch_size
@@ -122,11 +124,17 @@ class InferenceEngine:
         cancel = cancel or (lambda: False)
         box = box.clipped_to(case.shape_zyx) if box is not None else None
         start = time.perf_counter()
-        with torch.inference_mode():
-            if facts.spatial_dims == 2:
-                probabilities = self._segment_slices(case, box, progress, cancel)
-            else:
-                probabilities = self._segment_patches(case, progress, cancel)
+        try:
+            with torch.inference_mode():
+                if facts.spatial_dims == 2:
+                    probabilities = self._segment_slices(case, box, progress, cancel)
+                else:
+                    probabilities = self._segment_patches(case, progress, cancel)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise BrainLesionSAMError(
+                f"the GPU ran out of memory with batch size {self.batch_size}; use a smaller "
+                "--batch-size, close other GPU programs, or run on the CPU (--device cpu)") from None
         network_time = time.perf_counter() - start
 
         progress(0.98, "writing the label volume")
@@ -193,12 +201,9 @@ class InferenceEngine:
             with self._autocast():
                 return self.method.predict_proba(patches, available.expand(len(patches), -1)).float()
 
-        def on_progress(fraction: float) -> None:
-            progress(0.95 * fraction, f"{facts.name}: patches")
-
         progress(0.0, f"{facts.name}: sliding window over {case.shape_zyx}")
         output = sliding_window_inference(
             volume, roi_size=facts.input_size, sw_batch_size=self.batch_size, predictor=predictor,
             overlap=self.overlap, mode="gaussian", progress=False)
-        on_progress(1.0)
+        progress(0.95, f"{facts.name}: patches done")
         return output[0].cpu().numpy().astype(np.float32)

@@ -7,7 +7,10 @@ into place only on success, so a failed or cancelled run leaves no half-written 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import struct
+import zlib
 import re
 import tempfile
 from pathlib import Path
@@ -101,6 +104,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
             image = reader.Execute()
         else:
+            _check_nifti_complete(path, what)
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
@@ -108,6 +112,59 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
             f"{what} file {path} is not a readable image ({first_line}); "
             "give a NIfTI, NRRD, MHA file or a DICOM series folder") from None
     return validate_image(image, f"{what} ({path})")
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file must hold (offset + voxel data), or None if this is no NIfTI header."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    voxels = 1
+    for extent in dims[1:1 + max(0, min(dims[0], 7))]:
+        voxels *= max(int(extent), 1)
+    return offset + voxels * bitpix // 8
+
+
+def _check_nifti_complete(path: Path, what: str) -> None:
+    """SimpleITK reads a truncated NIfTI without complaint and fills the rest with zeros; refuse it.
+
+    A .nii.gz is decompressed once to its end (gzip raises on a cut stream), which costs a fraction
+    of a second for a BraTS volume.
+    """
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as stream:
+                header = stream.read(540)
+                size = len(header)
+                for block in iter(lambda: stream.read(1 << 22), b""):
+                    size += len(block)
+        else:
+            with open(path, "rb") as stream:
+                header = stream.read(540)
+            size = path.stat().st_size
+    except gzip.BadGzipFile:
+        raise InputImageError(f"{what} file {path} is not a readable image (not gzip-compressed although "
+                              "named .gz); give a NIfTI, NRRD, MHA file or a DICOM series folder") from None
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputImageError(f"{what} file {path} is damaged or incomplete ({error}); "
+                              "copy or export it again") from None
+    expected = _nifti_expected_bytes(header)
+    if expected is not None and size < expected:
+        raise InputImageError(f"{what} file {path} is incomplete: {size} bytes where its header needs "
+                              f"{expected}; copy or export it again")
 
 
 def validate_image(image: sitk.Image, what: str = "image") -> sitk.Image:

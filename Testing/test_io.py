@@ -110,3 +110,14 @@ def test_brats_2023_numbering_round_trip():
     assert from_brats2021(to_brats2021(labels), "brats2023").tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError):
         to_brats2021(np.array([3, 4]))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_refused(tmp_path, suffix):
+    path = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(make_image(np.random.rand(20, 30, 40).astype(np.float32)), str(path))
+    assert read_image(path, "T2").GetSize() == (40, 30, 20)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(InputImageError, match="T2 file .*(incomplete|damaged)"):
+        read_image(cut, "T2")

@@ -117,13 +117,17 @@ def load_checkpoint(path: str | os.PathLike, expected_method: str | None = None
 def load_method(name: str, weights: str | os.PathLike | None = None) -> SegmentationMethod:
     """Build method ``name`` from a checkpoint (its config comes from the header) in eval mode.
 
-    Without ``weights`` the method's packaged weights are used; a method without any raises
-    WeightsError (an untrained network would give meaningless output).
+    Without ``weights`` the method's packaged weights are used, else its third-party pretrained
+    weights (``pretrained()``); a method with neither raises WeightsError (an untrained network
+    would give meaningless output).
     """
     cls = get_method_class(name)
     if weights is None:
         if cls.packaged_weights is None:
-            raise WeightsError(f"method '{name}' ships no weights; give a weights file with --weights")
+            model = cls.pretrained()
+            if model is None:
+                raise WeightsError(f"method '{name}' ships no weights; give a weights file with --weights")
+            return model.eval()
         weights = PACKAGED_WEIGHTS_DIR / cls.packaged_weights
         if not weights.is_file():
             raise WeightsError(f"the packaged weights {weights} are missing; reinstall the package or "

@@ -83,6 +83,40 @@ class Box:
         return mask
 
 
+class EmbeddingCache:
+    """Image embeddings of cacheable methods, per (method, case content, axial slice).
+
+    Reuse one cache (with one engine) across ``segment`` calls on the same case: a second box then
+    re-runs only the prompt encoder and mask decoder on the slices already encoded. Embeddings are
+    kept on the CPU so the cache costs no GPU memory. ``max_bytes`` bounds it; the oldest entries
+    are dropped first.
+    """
+
+    def __init__(self, max_bytes: int = 4 * 2**30):
+        self.max_bytes = max_bytes
+        self._entries: dict[tuple, torch.Tensor] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple, embedding: torch.Tensor) -> None:
+        embedding = embedding.detach().to("cpu", copy=True)
+        self._entries[key] = embedding
+        self._bytes += embedding.numel() * embedding.element_size()
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            oldest = next(iter(self._entries))
+            dropped = self._entries.pop(oldest)
+            self._bytes -= dropped.numel() * dropped.element_size()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
 @dataclass
 class SegmentationResult:
     labels: sitk.Image                      # label values of the method's label set, reference grid
@@ -100,7 +134,8 @@ class InferenceEngine:
     """
 
     def __init__(self, method: SegmentationMethod, device: str | torch.device = "auto",
-                 batch_size: int = 8, amp: bool = True, overlap: float = 0.5):
+                 batch_size: int = 8, amp: bool = True, overlap: float = 0.5,
+                 embedding_cache: EmbeddingCache | None = None):
         if batch_size < 1:
             raise BrainLesionSAMError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -108,6 +143,7 @@ class InferenceEngine:
         self.batch_size = batch_size
         self.amp = amp and self.device.type == "cuda"
         self.overlap = overlap
+        self.embedding_cache = embedding_cache if method.facts.cacheable_embeddings else None
 
     def _autocast(self):
         if not self.amp:
@@ -176,15 +212,31 @@ class InferenceEngine:
             batch = slices[done:done + self.batch_size]
             progress(done / max(len(slices), 1) * 0.95,
                      f"{facts.name}: slices {done + 1}-{done + len(batch)} of {len(slices)}")
-            images = case.network_slices(batch).to(self.device)
             boxes = network_box.expand(len(batch), 4) if (network_box is not None and facts.promptable) else None
+            batch_available = available.expand(len(batch), -1)
             with self._autocast():
-                batch_probabilities = self.method.predict_proba(
-                    images, available.expand(len(batch), -1), boxes).float()
+                if self.embedding_cache is None:
+                    images = case.network_slices(batch).to(self.device)
+                    batch_probabilities = self.method.predict_proba(images, batch_available, boxes)
+                else:
+                    embeddings = self._cached_embeddings(case, batch, batch_available)
+                    batch_probabilities = self.method.decode_proba(embeddings, batch_available, boxes)
+            batch_probabilities = batch_probabilities.float()
             probabilities[:, batch] = geometry.from_network(batch_probabilities).cpu().numpy().transpose(1, 0, 2, 3)
         if cancel():
             raise CancelledError("segmentation cancelled; nothing was written")
         return probabilities
+
+    def _cached_embeddings(self, case: PreparedCase, batch: np.ndarray, available: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the batch's slices, encoding only those the cache does not hold."""
+        keys = [(id(self.method), case.fingerprint, int(z)) for z in batch]
+        missing = [i for i, key in enumerate(keys) if self.embedding_cache.get(key) is None]
+        if missing:
+            images = case.network_slices(batch[missing]).to(self.device)
+            encoded = self.method.encode(images, available[missing])
+            for i, embedding in zip(missing, encoded):
+                self.embedding_cache.put(keys[i], embedding)
+        return torch.stack([self.embedding_cache.get(key) for key in keys]).to(self.device)
 
     def _segment_patches(self, case: PreparedCase, progress: ProgressCallback,
                          cancel: CancelCheck) -> np.ndarray:

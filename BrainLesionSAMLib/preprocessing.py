@@ -18,6 +18,8 @@ a larger slice is resized, so its probabilities are resized back (bilinear) befo
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -185,6 +187,15 @@ class PreparedCase:
     reference_modality: str
     brain_mask: np.ndarray
     sources: dict[str, str] = field(default_factory=dict)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Digest of the normalised images: identical content, identical cached embeddings."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(np.ascontiguousarray(self.available).tobytes())
+        digest.update(str(self.images.shape).encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        return digest.hexdigest()
 
     @property
     def shape_zyx(self) -> tuple[int, int, int]:

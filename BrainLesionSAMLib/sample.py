@@ -602,7 +602,7 @@ def write_case(images: dict[str, sitk.Image], out_dir: str | os.PathLike, case_i
     case_dir = out_dir / case_id
     if case_dir.exists() and not overwrite:
         raise CaseExistsError(f"case folder {case_dir} exists already; choose another output folder or "
-                              "case id, or allow overwriting (overwrite=True)")
+                              "case id, or allow overwriting (--overwrite on the command line, overwrite=True in Python)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

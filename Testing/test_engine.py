@@ -140,3 +140,54 @@ def test_3d_patch_path_matches_a_single_window():
     assert result.labels.GetDirection() == labels.GetDirection()
     with pytest.raises(MissingModalityError, match="FLAIR"):
         InferenceEngine(method, "cpu").segment(prepare_case({"t1": images["t1"]}))
+
+
+class BoxedConv(SegmentationMethod):
+    """A cacheable, promptable 2D method (not registered): conv encoder, decoder masked by the box."""
+
+    facts = MethodFacts(name="testboxed", title="test", modalities=("flair",), required_modalities=("flair",),
+                        spatial_dims=2, label_set="lesion", promptable=True, cacheable_embeddings=True,
+                        input_size=(256, 256))
+    default_config = {}
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.decoder = torch.nn.Conv2d(4, 2, 1)
+        self.encoded_slices = 0
+
+    def encode(self, images, available):
+        self.encoded_slices += len(images)
+        return torch.relu(self.encoder(images[:, 3:4] / 255.0))
+
+    def decode_proba(self, embeddings, available, boxes=None):
+        logits = self.decoder(embeddings)
+        inside = torch.zeros_like(logits[:, :1], dtype=torch.bool)
+        for b, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+            inside[b, :, y0:y1, x0:x1] = True
+        return torch.softmax(torch.where(inside, logits, torch.tensor([[10.0], [-10.0]]).view(1, 2, 1, 1)), 1)
+
+    def forward(self, images, available, boxes=None):
+        return torch.log(self.decode_proba(self.encode(images, available), available, boxes))
+
+
+def test_embedding_cache_reencodes_only_new_slices_and_changes_nothing():
+    from BrainLesionSAMLib.engine import EmbeddingCache
+
+    torch.manual_seed(0)
+    method = BoxedConv().eval()
+    images, _ = blob_case((12, 40, 40))
+    case = prepare_case({"flair": images["flair"]})
+    cached = InferenceEngine(method, "cpu", batch_size=4, embedding_cache=EmbeddingCache())
+    plain = InferenceEngine(method, "cpu", batch_size=4)
+    first, second = Box(5, 5, 2, 30, 30, 7), Box(10, 8, 4, 35, 36, 9)
+    runs = []
+    for box in (first, second):
+        before = method.encoded_slices
+        labels = sitk.GetArrayFromImage(cached.segment(case, box=box).labels)
+        runs.append(method.encoded_slices - before)
+        np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(plain.segment(case, box=box).labels))
+    brain = set(case.brain_slices().tolist())
+    assert runs[0] == len(brain & set(range(2, 8)))
+    assert runs[1] == len(brain & set(range(8, 10)))  # slices 4-7 come from the cache
+    assert len(cached.embedding_cache) == len(brain & set(range(2, 10)))

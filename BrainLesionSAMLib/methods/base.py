@@ -105,6 +105,24 @@ class SegmentationMethod(nn.Module, abc.ABC):
                       boxes: torch.Tensor | None = None) -> torch.Tensor:
         return torch.softmax(self.forward(images, available, boxes).float(), dim=1)
 
+    # Methods whose facts say ``cacheable_embeddings`` split forward into a heavy ``encode`` (image
+    # encoder, run once per slice) and a light ``decode_proba`` (prompt encoder + mask decoder, run
+    # again for every new box). The engine caches what ``encode`` returns per case and slice.
+    def encode(self, images: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """Image embeddings [B, ...] for images [B, 4, H, W]; only for cacheable methods."""
+        raise TypeError(f"method '{self.facts.name}' does not cache image embeddings")
+
+    def decode_proba(self, embeddings: torch.Tensor, available: torch.Tensor,
+                     boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Class probabilities [B, K, H, W] from ``encode``'s embeddings; only for cacheable methods."""
+        raise TypeError(f"method '{self.facts.name}' does not cache image embeddings")
+
+    @classmethod
+    def pretrained(cls) -> "SegmentationMethod | None":
+        """An instance initialised from third-party pretrained weights that a dependency ships
+        (e.g. LiteMedSAM's .pth), used when no weights file is given; None when there are none."""
+        return None
+
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

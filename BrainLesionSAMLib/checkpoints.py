@@ -134,7 +134,8 @@ def load_method(name: str, weights: str | os.PathLike | None = None) -> Segmenta
                                "re-create them with scripts/train_sample_weights.py")
     state, header = load_checkpoint(weights, expected_method=name)
     try:
-        model = build_method(name, header.get("config") or {})
+        config = {**(header.get("config") or {}), **{key: None for key in cls.initialisation_keys}}
+        model = build_method(name, config)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as error:
         raise WeightsError(f"{weights} does not fit method '{name}' as configured: {error}") from None

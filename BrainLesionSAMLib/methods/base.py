@@ -87,6 +87,10 @@ class SegmentationMethod(nn.Module, abc.ABC):
     default_config: ClassVar[dict[str, Any]] = {}
     # Weights shipped with the package for the sample case (file name under BrainLesionSAMLib/weights).
     packaged_weights: ClassVar[str | None] = None
+    # Config keys that only say where initial weights come from (e.g. a SAM .pth path). Loading one
+    # of our checkpoints sets them to None: the checkpoint holds every weight, and the original file
+    # need not exist on the machine that loads it.
+    initialisation_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **config: Any):
         super().__init__()

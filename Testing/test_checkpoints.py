@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from BrainLesionSAMLib import __version__
 from BrainLesionSAMLib.checkpoints import (HEADER_KEY, PACKAGED_WEIGHTS_DIR, load_checkpoint, load_method,
-                                           read_header, save_checkpoint, verify_file_sha256, file_sha256)
+                                           read_header, save_checkpoint, verify_file_sha256)
 from BrainLesionSAMLib.errors import UnknownMethodError, WeightsError
 from BrainLesionSAMLib.methods import build_method, get_method_class
 

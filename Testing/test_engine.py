@@ -5,7 +5,6 @@ import SimpleITK as sitk
 import torch
 from monai.networks.nets import UNet
 
-from BrainLesionSAMLib.conventions import MODALITIES
 from BrainLesionSAMLib.engine import Box, InferenceEngine, resolve_device
 from BrainLesionSAMLib.errors import BrainLesionSAMError, CancelledError, GeometryError, MissingModalityError
 from BrainLesionSAMLib.methods import MethodFacts, SegmentationMethod, build_method

@@ -23,6 +23,7 @@ from . import __version__
 from .errors import WeightsError
 from .io import atomic_output
 from .methods import SegmentationMethod, build_method, get_method_class
+from .pth import file_sha256, verify_file_sha256  # noqa: F401  (re-exported)
 
 HEADER_KEY = "brainlesionsam"
 FORMAT_VERSION = 1
@@ -36,21 +37,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_file_sha256(path: str | os.PathLike, expected: str) -> None:
-    actual = file_sha256(path)
-    if actual != expected.lower():
-        raise WeightsError(f"{path} has sha256 {actual}, expected {expected}; the file is corrupt "
-                           "or a different version - delete it and download it again")
 
 
 def _jsonable(value: Any) -> Any:

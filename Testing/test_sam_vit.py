@@ -173,7 +173,7 @@ def test_truncated_checkpoint_reports_missing_and_unexpected_keys(reference_stat
 def test_files(reference_state, tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("this is not a checkpoint\n")
-    with pytest.raises(WeightsError, match="not a PyTorch checkpoint"):
+    with pytest.raises(WeightsError, match="not a PyTorch weights file"):
         load_sam_checkpoint(text)
     with pytest.raises(WeightsError, match="does not exist"):
         load_sam_checkpoint(tmp_path / "absent.pth")

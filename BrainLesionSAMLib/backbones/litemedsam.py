@@ -32,6 +32,7 @@ from torch import nn
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from ..errors import WeightsError
+from ..pth import read_pth
 
 LITE_MEDSAM_FILENAME = "lite_medsam.pth"
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -65,20 +66,9 @@ def load_lite_medsam_state(path: str | os.PathLike | None = None,
     A given path (a user's own, e.g. fine-tuned, file) is checked when ``expected_sha256`` is given.
     The hash is checked first so that a damaged or substituted file never reaches the unpickler.
     """
-    # Imported here: checkpoints imports the method registry, which imports this module.
-    from ..checkpoints import verify_file_sha256
-
     if path is None:
         path, expected_sha256 = lite_medsam_weights_path(), expected_sha256 or LITE_MEDSAM_SHA256
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; check the path")
-    if expected_sha256 is not None:
-        verify_file_sha256(path, expected_sha256)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors have no common base class
-        raise WeightsError(f"{path} is not a readable PyTorch weights file: {error}") from None
+    state = read_pth(path, "LiteMedSAM weights file", expected_sha256)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # training checkpoints
         state = state["model"]
     if not isinstance(state, dict):

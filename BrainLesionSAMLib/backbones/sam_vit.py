@@ -44,7 +44,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +52,7 @@ from torch import nn
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from ..errors import WeightsError
+from ..pth import read_pth
 
 # SAM's pixel normalisation (ImageNet statistics on the 0-255 scale), as in segment_anything.Sam.
 PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -291,11 +291,6 @@ class SamLoadReport:
         return self.summary()
 
 
-def _first_error_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
 def read_sam_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
                         expected_sha256: str | None = None) -> tuple[dict[str, Any], str, list[str]]:
     """(state dict, source description, notes) from a ``.pth`` path or an in-memory dict.
@@ -308,25 +303,11 @@ def read_sam_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any
     if isinstance(path_or_state_dict, Mapping):
         state, source = path_or_state_dict, "a state dict in memory"
     else:
-        path = Path(path_or_state_dict)
-        source = str(path)
-        if not path.exists():
-            raise WeightsError(f"SAM checkpoint {path} does not exist; check the path (the official "
-                               "ViT-B file is sam_vit_b_01ec64.pth, MedSAM's medsam_vit_b.pth)")
-        if not path.is_file():
-            raise WeightsError(f"SAM checkpoint {path} is not a file; give the .pth file itself")
-        if expected_sha256 is not None:
-            from ..checkpoints import verify_file_sha256  # here: checkpoints imports the methods
-            verify_file_sha256(path, expected_sha256)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # unpickling failures share no common base class
-            raise WeightsError(
-                f"{path} is not a PyTorch checkpoint that can be read safely "
-                f"(torch.load with weights_only=True failed: {_first_error_line(error)}); give an "
-                "official SAM / MedSAM ViT-B .pth file") from None
+        source = str(path_or_state_dict)
+        state = read_pth(path_or_state_dict, "SAM checkpoint", expected_sha256,
+                         hint=" (the official ViT-B file is sam_vit_b_01ec64.pth, MedSAM's medsam_vit_b.pth)")
         if not isinstance(state, Mapping):
-            raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict; give an "
+            raise WeightsError(f"{source} holds a {type(state).__name__}, not a state dict; give an "
                                "official SAM / MedSAM ViT-B .pth file")
     if not any(str(k).startswith(("image_encoder.", "mask_decoder.", "prompt_encoder.",
                                   "module.")) for k in state):

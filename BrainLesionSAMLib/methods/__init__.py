@@ -1,9 +1,14 @@
-"""Registered segmentation methods. Importing this package registers every method module."""
+"""Registered segmentation methods. Importing this package imports every module in it, and each
+method module registers its classes with ``@register_method``: a new method is one new file here."""
+import importlib
+import pkgutil
+
 from .base import (MethodFacts, SegmentationMethod, build_method, get_method_class, method_names,
                    register_method)
-from . import unet2d  # noqa: F401  (registers 'unet2d')
-from . import cmaa  # noqa: F401  (registers 'cmaa')
-from . import boxprompt  # noqa: F401  (registers 'litemedsam' and 'medsam')
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module != "base" and not _module.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["MethodFacts", "SegmentationMethod", "build_method", "get_method_class", "method_names",
            "register_method"]

@@ -12,6 +12,19 @@ Tensor conventions (B batch, M = 4 modality channels in ``MODALITIES`` order, K 
 - Output of ``forward``: logits [B, K, ...]; channel k is label value ``LABEL_SETS[label_set][k]``.
   ``predict_proba`` returns class probabilities summing to 1 over K (softmax of the logits unless
   a method decodes classes differently and overrides it).
+
+Training contract (what ``Training/`` calls; it never special-cases method names):
+
+- ``training_loss(batch, progress)`` -> scalar loss. ``batch`` is a dict with ``images``,
+  ``available`` (as above), ``target`` (long class indices [B, ...], index k meaning label value
+  ``LABEL_SETS[label_set][k]``) and optionally ``boxes`` [B, 4] (from the ground truth, for
+  promptable methods) and ``modality`` (long [B], MODALITIES index of a single-modality input, for
+  methods that are told which expert matches, e.g. MoME's curriculum). ``progress`` is the fraction
+  of training done, in [0, 1] (epoch / epochs), for curricula. The default is
+  ``loss(forward(images, available, boxes), target)``; methods with deep supervision, two passes
+  or sampled sub-regions override it.
+- ``loss(logits, target)``: the paper's loss on ``forward``'s output; default Dice + CE (MONAI's
+  ``DiceCELoss``, softmax, one-hot target).
 """
 from __future__ import annotations
 
@@ -126,6 +139,16 @@ class SegmentationMethod(nn.Module, abc.ABC):
         """An instance initialised from third-party pretrained weights that a dependency ships
         (e.g. LiteMedSAM's .pth), used when no weights file is given; None when there are none."""
         return None
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The method's loss on ``forward``'s logits [B, K, ...] and class indices [B, ...]."""
+        from monai.losses import DiceCELoss  # monai is slow to import; only training needs it
+        return DiceCELoss(to_onehot_y=True, softmax=True)(logits.float(), target[:, None])
+
+    def training_loss(self, batch: dict[str, torch.Tensor], progress: float = 0.0) -> torch.Tensor:
+        """One training batch's loss (see the module docstring for ``batch`` and ``progress``)."""
+        logits = self.forward(batch["images"], batch["available"], batch.get("boxes"))
+        return self.loss(logits, batch["target"])
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())

@@ -124,6 +124,8 @@ class SegmentationResult:
     probabilities: sitk.Image | None        # [Z,Y,X] vector image, one component per class
     device: str
     timings: dict[str, float] = field(default_factory=dict)
+    # The method's per-case modality/expert weights (SegmentationMethod.case_weights), {} if none.
+    case_weights: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class InferenceEngine:
@@ -160,6 +162,7 @@ class InferenceEngine:
         cancel = cancel or (lambda: False)
         box = box.clipped_to(case.shape_zyx) if box is not None else None
         start = time.perf_counter()
+        self.method.start_case()
         try:
             with torch.inference_mode():
                 if facts.spatial_dims == 2:
@@ -188,7 +191,8 @@ class InferenceEngine:
             probability_image.CopyInformation(case.reference)
         progress(1.0, "done")
         return SegmentationResult(label_image, facts.label_set, probability_image, str(self.device),
-                                  {"network_s": network_time, "postprocessing_s": time.perf_counter() - start})
+                                  {"network_s": network_time, "postprocessing_s": time.perf_counter() - start},
+                                  self.method.case_weights())
 
     def _segment_slices(self, case: PreparedCase, box: Box | None, progress: ProgressCallback,
                         cancel: CancelCheck) -> np.ndarray:

@@ -140,6 +140,17 @@ class SegmentationMethod(nn.Module, abc.ABC):
         (e.g. LiteMedSAM's .pth), used when no weights file is given; None when there are none."""
         return None
 
+    # Interpretability: methods that weigh modalities or experts per case (SOFA's sub-region attention,
+    # MoME's gate) accumulate those weights over a case's batches. The engine calls ``start_case``
+    # before a case and puts ``case_weights()`` into the result (report, Slicer table).
+    def start_case(self) -> None:
+        """Reset per-case accumulators (called by the engine before a case's first batch)."""
+
+    def case_weights(self) -> dict[str, dict[str, float]]:
+        """Per-case weights since ``start_case``: {group: {name: weight}}, e.g.
+        {'enhancing tumour': {'t1ce': 0.61, ...}} or {'gate': {'flair': 0.8, ...}}; {} if none."""
+        return {}
+
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The method's loss on ``forward``'s logits [B, K, ...] and class indices [B, ...]."""
         from monai.losses import DiceCELoss  # monai is slow to import; only training needs it

@@ -170,15 +170,35 @@ def command_evaluate(args) -> int:
     return 0
 
 
+def parameter_counts(name: str, config: dict | None = None) -> dict[str, int]:
+    """Total and trainable parameters of a method as configured, without allocating its weights
+    where possible (built on the meta device: BrainSegDMIF's four ViT-B streams would need GBs)."""
+    import warnings
+
+    import torch
+    from .methods import build_method
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # loading initial weights into meta tensors is a no-op
+            return build_method(name, config).parameter_counts()
+    except (RuntimeError, NotImplementedError):  # code that reads tensor values while building
+        return build_method(name, config).parameter_counts()
+
+
 def gather_info() -> dict:
     import torch
-    from .methods import build_method, get_method_class, method_names
+    from .backbones.base import BACKBONES
+    from .methods import get_method_class, method_names
 
     methods = []
     for name in method_names():
         cls = get_method_class(name)
         entry = cls.facts.as_dict()
-        entry["parameters"] = build_method(name).parameter_counts()
+        entry["parameters"] = parameter_counts(name)
+        if "backbone" in cls.default_config:
+            entry["parameters_by_backbone"] = {backbone: parameter_counts(name, {"backbone": backbone})
+                                               for backbone in BACKBONES}
         entry["default_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cls.default_config.items()}
         entry["packaged_weights"] = cls.packaged_weights
         methods.append(entry)

@@ -75,9 +75,9 @@ def test_checkpoint_loads_where_the_initial_sam_file_is_absent(tmp_path):
     """A CMAA fine-tuned from a SAM .pth records that path; loading needs only our checkpoint."""
     torch.manual_seed(0)
     model = build_method("cmaa").eval()
-    model.config["sam_checkpoint"] = str(tmp_path / "gone" / "sam_vit_b_01ec64.pth")
+    model.config["backbone_weights"] = str(tmp_path / "gone" / "sam_vit_b_01ec64.pth")
     path = save_checkpoint(model, tmp_path / "cmaa.safetensors")
-    assert read_header(path)["config"]["sam_checkpoint"].endswith("sam_vit_b_01ec64.pth")
+    assert read_header(path)["config"]["backbone_weights"].endswith("sam_vit_b_01ec64.pth")
     loaded = load_method("cmaa", path)
     reference = model.state_dict()
     assert all(torch.equal(reference[k], v) for k, v in loaded.state_dict().items())

@@ -1,4 +1,5 @@
-"""CMAA on CPU at 256 with random SAM weights: shapes, missing modalities, what is frozen, one step."""
+"""CMAA on CPU at 256 with random SAM weights (and the LiteMedSAM backbone with its real weights):
+shapes, missing modalities, what is frozen, one step."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -29,7 +30,7 @@ def test_facts_and_config():
     assert facts.tolerates_missing and facts.spatial_dims == 2 and facts.input_size == (256, 256)
     assert not facts.promptable and not facts.cacheable_embeddings
     config = CMAA.default_config
-    assert (config["image_size"], config["adapter_blocks"], config["sam_checkpoint"]) == (256, 6, None)
+    assert (config["image_size"], config["adapter_blocks"], config["backbone_weights"]) == (256, 6, None)
     assert (config["optimizer"], config["learning_rate"], config["batch_size"]) == ("adamw", 1e-3, 24)
     with pytest.raises(ValueError, match="unknown config"):
         CMAA(adapters=3)
@@ -43,13 +44,13 @@ def test_parameter_counts_and_trainable_set(model):
     assert abs(counts["total"] / 98e6 - 1) < 0.05 and abs(counts["trainable"] / 10.80e6 - 1) < 0.05
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     expected = {name for name, _ in model.named_parameters()
-                if name.startswith(("input_convs.", "adapters.", "sam.mask_decoder."))}
+                if name.startswith(("input_convs.", "adapters.", "backbone.mask_decoder."))}
     assert trainable == expected
     assert {name.split(".")[1] for name in trainable if name.startswith("adapters.")} == set("012345")
     model.train()
     try:
-        assert not model.sam.image_encoder.training and not model.sam.prompt_encoder.training
-        assert model.sam.mask_decoder.training and model.adapters.training
+        assert not model.backbone.image_encoder.training and not model.backbone.prompt_encoder.training
+        assert model.backbone.mask_decoder.training and model.adapters.training
     finally:
         model.eval()
 
@@ -100,10 +101,10 @@ def test_one_adamw_step_trains_only_the_trainable_part(lesion_batch):
     assert images.shape == (2, 4, 256, 256) and target.shape == (2, 1, 256, 256) and target.any()
     torch.manual_seed(0)
     model = CMAA().train()
-    encoder_before = {k: v.clone() for k, v in model.sam.image_encoder.state_dict().items()}
-    prompt_before = {k: v.clone() for k, v in model.sam.prompt_encoder.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in model.backbone.image_encoder.state_dict().items()}
+    prompt_before = {k: v.clone() for k, v in model.backbone.prompt_encoder.state_dict().items()}
     adapters_before = {k: v.clone() for k, v in model.adapters.state_dict().items()}
-    decoder_before = {k: v.clone() for k, v in model.sam.mask_decoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in model.backbone.mask_decoder.state_dict().items()}
     config = model.config
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config["learning_rate"], weight_decay=config["weight_decay"])
@@ -116,15 +117,15 @@ def test_one_adamw_step_trains_only_the_trainable_part(lesion_batch):
     loss_before.backward()
     optimiser.step()
 
-    for part in (model.sam.image_encoder, model.sam.prompt_encoder):
+    for part in (model.backbone.image_encoder, model.backbone.prompt_encoder):
         assert all(p.grad is None for p in part.parameters())
-    assert all(torch.equal(v, encoder_before[k]) for k, v in model.sam.image_encoder.state_dict().items())
-    assert all(torch.equal(v, prompt_before[k]) for k, v in model.sam.prompt_encoder.state_dict().items())
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.backbone.image_encoder.state_dict().items())
+    assert all(torch.equal(v, prompt_before[k]) for k, v in model.backbone.prompt_encoder.state_dict().items())
     adapters_after = model.adapters.state_dict()
     for i in range(6):
         key = f"{i}.fuse.weight"
         assert not torch.equal(adapters_after[key], adapters_before[key]), key
-    assert not torch.equal(model.sam.mask_decoder.state_dict()["output_upscaling.0.weight"],
+    assert not torch.equal(model.backbone.mask_decoder.state_dict()["output_upscaling.0.weight"],
                            decoder_before["output_upscaling.0.weight"])
 
     with torch.no_grad():
@@ -147,8 +148,8 @@ def test_loss_is_dice_plus_ce_of_the_lesion_logit():
                                0.5 * dice + 2 * ce)
 
 
-def test_sam_checkpoint_and_other_input_sizes(tmp_path):
-    """``sam_checkpoint`` initialises encoder and decoder (resized to the configured input size);
+def test_backbone_weights_and_other_input_sizes(tmp_path):
+    """``backbone_weights`` initialises encoder and decoder (resized to the configured input size);
     an input size other than 256 resizes the slices inside and returns 256 x 256 logits."""
     from segment_anything import sam_model_registry
 
@@ -156,21 +157,66 @@ def test_sam_checkpoint_and_other_input_sizes(tmp_path):
     state = sam_model_registry["vit_b"]().state_dict()
     path = tmp_path / "sam_vit_b.pth"
     torch.save(state, path)
-    model = CMAA(image_size=128, sam_checkpoint=str(path)).eval()
-    assert model.sam_load_report.complete
+    model = CMAA(image_size=128, backbone_weights=str(path)).eval()
     loaded = model.state_dict()
-    assert loaded["sam.image_encoder.pos_embed"].shape == (1, 8, 8, 768)
+    assert loaded["backbone.image_encoder.pos_embed"].shape == (1, 8, 8, 768)
     for key in ("mask_decoder.mask_tokens.weight", "mask_decoder.iou_prediction_head.layers.2.bias",
                 "image_encoder.blocks.7.mlp.lin1.weight"):
-        assert torch.equal(loaded[f"sam.{key}"], state[key])
+        assert torch.equal(loaded[f"backbone.{key}"], state[key])
     with torch.no_grad():
         logits = model(255 * torch.rand(1, 4, 256, 256), torch.ones(1, 4, dtype=torch.bool))
     assert logits.shape == (1, 2, 256, 256)
 
     from BrainLesionSAMLib.errors import WeightsError
     with pytest.raises(WeightsError, match="does not exist"):
-        CMAA(sam_checkpoint=str(tmp_path / "absent.pth"))
+        CMAA(backbone_weights=str(tmp_path / "absent.pth"))
     del state["mask_decoder.iou_token.weight"]
     torch.save(state, path)
     with pytest.raises(WeightsError, match="mask_decoder.iou_token.weight"):
-        CMAA(image_size=128, sam_checkpoint=str(path))
+        CMAA(image_size=128, backbone_weights=str(path))
+
+
+# LiteMedSAM backbone: TinyViT's widths after its first six blocks, 1x1 convs 2c -> c.
+LITE_ENCODER, LITE_ADAPTER_WIDTHS = 5_726_740, (64, 128, 128, 160, 160, 160)
+
+
+def test_lite_backbone_counts_weights_and_one_step(lesion_batch):
+    """backbone 'lite': adapters at TinyViT's block widths, encoder from the real lite_medsam.pth,
+    frozen (BatchNorm statistics included), and one AdamW step lowers the loss."""
+    from BrainLesionSAMLib.backbones.litemedsam import load_lite_medsam_state
+
+    torch.manual_seed(0)
+    model = CMAA(backbone="lite").train()
+    adapters = sum(2 * c * c + c for c in LITE_ADAPTER_WIDTHS)
+    counts = model.parameter_counts()
+    assert counts["total"] == LITE_ENCODER + PROMPT_ENCODER + MASK_DECODER + adapters + INPUT_CONVS == 10_019_446
+    assert counts["trainable"] == MASK_DECODER + adapters + INPUT_CONVS
+    assert [a.fuse.out_channels for a in model.adapters] == list(LITE_ADAPTER_WIDTHS)
+    published = load_lite_medsam_state()
+    encoder = model.backbone.image_encoder.state_dict()
+    assert all(torch.equal(encoder[k.removeprefix("image_encoder.")], v)
+               for k, v in published.items() if k.startswith("image_encoder."))
+    assert not model.backbone.image_encoder.training  # BatchNorm of the frozen TinyViT keeps its statistics
+
+    images, available, target = lesion_batch
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    logits = model(images, available)
+    assert logits.shape == (2, 2, 256, 256)
+    loss_before = model.loss(logits, target)
+    optimiser.zero_grad()
+    loss_before.backward()
+    optimiser.step()
+    assert all(p.grad is None for p in model.backbone.image_encoder.parameters())
+    encoder_after = model.backbone.image_encoder.state_dict()
+    assert all(torch.equal(encoder_after[k], v) for k, v in encoder.items())
+    with torch.no_grad():
+        loss_after = model.loss(model(images, available), target)
+    print(f"cmaa (lite) one AdamW step: loss {loss_before.item():.4f} -> {loss_after.item():.4f}")
+    assert loss_after < loss_before
+
+
+def test_lite_backbone_rejects_other_sizes_and_unknown_backbones():
+    with pytest.raises(ValueError, match="256 x 256 input only"):
+        CMAA(backbone="lite", image_size=1024)
+    with pytest.raises(ValueError, match="unknown backbone 'vit_h'"):
+        CMAA(backbone="vit_h")

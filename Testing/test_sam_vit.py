@@ -45,7 +45,7 @@ def test_parity_with_segment_anything_at_1024(reference_state):
         sparse, dense = reference.prompt_encoder(points=None, boxes=box, masks=None)
         expected, _ = reference.mask_decoder(embedding, reference.prompt_encoder.get_dense_pe(),
                                              sparse, dense, multimask_output=False)
-        our_embedding = ours.encode(ours.preprocess(image))
+        our_embedding = ours.encode(ours.normalize(image))
         ours_masks = ours.decode(our_embedding, box)
     assert ours_masks.shape == (1, 1, 256, 256)
     embedding_diff = (our_embedding - embedding).abs().max().item()
@@ -83,7 +83,7 @@ def test_256_variant_loads_every_key_and_resizes_like_sam(reference_state):
     assert adapt_state_dict(reference_state, 1024)["image_encoder.pos_embed"] is original
 
     with torch.no_grad():
-        embedding = model.encode(model.preprocess(255 * torch.rand(1, 3, 256, 256)))
+        embedding = model.encode(model.normalize(255 * torch.rand(1, 3, 256, 256)))
         assert embedding.shape == (1, 256, 16, 16)
         assert model.decode(embedding).shape == (1, 1, 64, 64)  # no prompt at all
         # A batch of images with one box each is decoded image by image.

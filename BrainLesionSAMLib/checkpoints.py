@@ -28,6 +28,7 @@ from .pth import file_sha256, verify_file_sha256  # noqa: F401  (re-exported)
 HEADER_KEY = "brainlesionsam"
 FORMAT_VERSION = 1
 PACKAGED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+THIRD_PARTY_SUFFIXES = (".pth", ".pt")  # SAM / MedSAM / LiteMedSAM checkpoints (torch.save files)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -105,9 +106,16 @@ def load_method(name: str, weights: str | os.PathLike | None = None) -> Segmenta
 
     Without ``weights`` the method's packaged weights are used, else its third-party pretrained
     weights (``pretrained()``); a method with neither raises WeightsError (an untrained network
-    would give meaningless output).
+    would give meaningless output). A ``.pth`` / ``.pt`` file is a third-party checkpoint (SAM,
+    MedSAM, LiteMedSAM layouts), read by the method's ``pretrained(weights)``.
     """
     cls = get_method_class(name)
+    if weights is not None and Path(weights).suffix.lower() in THIRD_PARTY_SUFFIXES:
+        model = cls.pretrained(weights)
+        if model is None:
+            raise WeightsError(f"method '{name}' does not read third-party {Path(weights).suffix} files; "
+                               "give one of our .safetensors checkpoints (brainlesionsam-train exports them)")
+        return model.eval()
     if weights is None:
         if cls.packaged_weights is None:
             model = cls.pretrained()

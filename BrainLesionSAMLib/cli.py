@@ -297,7 +297,8 @@ def _positive_int(text: str) -> int:
 def _add_inference_options(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:
     parser.add_argument("--method", required=default_method is None, default=default_method,
                         help="registered method name (see `brainlesionsam info`)")
-    parser.add_argument("--weights", type=Path, help="weights file (.safetensors); default: packaged weights")
+    parser.add_argument("--weights", type=Path, help="weights file: our .safetensors, or a third-party .pth the "
+                        "method reads (e.g. medsam_vit_b.pth for medsam); default: packaged weights")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="slices (or patches) per forward pass")
     parser.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"),

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import BrainLesionSAMError, CancelledError, GeometryError
+from .errors import BoxRequiredError, BrainLesionSAMError, CancelledError, GeometryError
 from .methods import SegmentationMethod
 from .preprocessing import PreparedCase
 
@@ -158,6 +158,10 @@ class InferenceEngine:
                 return_probabilities: bool = False) -> SegmentationResult:
         facts = self.method.facts
         facts.check_modalities(case.modalities)
+        if facts.requires_box and box is None:
+            raise BoxRequiredError(
+                f"method '{facts.name}' segments only inside a box: draw a box around the lesion (Slicer "
+                "ROI, or --box x0,y0,z0,x1,y1,z1 in voxel indices) or choose a fully automatic method")
         progress = progress or (lambda fraction, message: None)
         cancel = cancel or (lambda: False)
         box = box.clipped_to(case.shape_zyx) if box is not None else None

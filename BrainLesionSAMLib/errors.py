@@ -35,3 +35,7 @@ class OutputPathError(BrainLesionSAMError):
 
 class CancelledError(BrainLesionSAMError):
     """The user cancelled a running job; nothing was written."""
+
+
+class BoxRequiredError(BrainLesionSAMError):
+    """A method that segments only inside a box prompt was run without a box."""

@@ -81,3 +81,19 @@ def test_checkpoint_loads_where_the_initial_sam_file_is_absent(tmp_path):
     loaded = load_method("cmaa", path)
     reference = model.state_dict()
     assert all(torch.equal(reference[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_third_party_pth_goes_through_the_methods_own_reader(tmp_path):
+    """--weights medsam_vit_b.pth: a .pth is read by the method's pretrained(weights) (here a SAM
+    ViT-B state dict in the official layout, random values), not as one of our checkpoints."""
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    state = sam_model_registry["vit_b"]().state_dict()
+    path = tmp_path / "medsam_vit_b.pth"
+    torch.save(state, path)
+    model = load_method("medsam", path)
+    assert not model.training and model.config["checkpoint"] == str(path)
+    assert torch.equal(model.net.mask_decoder.state_dict()["mask_tokens.weight"], state["mask_decoder.mask_tokens.weight"])
+    with pytest.raises(WeightsError, match="method 'unet2d' does not read third-party .pth files"):
+        load_method("unet2d", path)

@@ -135,8 +135,13 @@ def test_without_a_box_the_error_says_what_to_do(random_weights, tumour_case):
         with pytest.raises(BoxRequiredError, match=message):
             call()
     assert issubclass(BoxRequiredError, BrainLesionSAMError)
-    with pytest.raises(BoxRequiredError, match=message):
-        InferenceEngine(random_weights, "cpu").segment(case)
+    assert random_weights.facts.requires_box and random_weights.facts.as_dict()["requires_box"]
+    encoded = []
+    with pytest.MonkeyPatch.context() as patch:  # the engine refuses before encoding anything
+        patch.setattr(random_weights, "encode", lambda *args: encoded.append(1))
+        with pytest.raises(BoxRequiredError, match="segments only inside a box: draw a box"):
+            InferenceEngine(random_weights, "cpu").segment(case)
+    assert not encoded
 
 
 def test_modality_is_configurable_and_checked(random_weights):

@@ -29,6 +29,7 @@ Training contract (what ``Training/`` calls; it never special-cases method names
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +52,7 @@ class MethodFacts:
     cacheable_embeddings: bool            # a box refinement can re-run only the light decoder
     input_size: tuple[int, ...]           # (256, 256) for 2D; the patch size for 3D
     reference: str = ""                   # the paper
+    requires_box: bool = False            # segments only inside a box (zero-shot box methods)
 
     def __post_init__(self):
         if not set(self.modalities) <= set(MODALITIES) or not self.modalities:
@@ -59,6 +61,8 @@ class MethodFacts:
             raise ValueError(f"{self.name}: required modalities must be accepted modalities")
         if self.spatial_dims not in (2, 3) or len(self.input_size) != self.spatial_dims:
             raise ValueError(f"{self.name}: spatial_dims must be 2 or 3 and match input_size")
+        if self.requires_box and not self.promptable:
+            raise ValueError(f"{self.name}: a method that requires a box must be promptable")
         if self.label_set not in LABEL_SETS:
             raise ValueError(f"{self.name}: unknown label set {self.label_set!r}")
 
@@ -89,7 +93,8 @@ class MethodFacts:
                 "tolerates_missing": self.tolerates_missing, "spatial_dims": self.spatial_dims,
                 "label_set": self.label_set, "labels": list(self.labels),
                 "promptable": self.promptable, "cacheable_embeddings": self.cacheable_embeddings,
-                "input_size": list(self.input_size), "reference": self.reference}
+                "input_size": list(self.input_size), "reference": self.reference,
+                "requires_box": self.requires_box}
 
 
 class SegmentationMethod(nn.Module, abc.ABC):
@@ -135,9 +140,10 @@ class SegmentationMethod(nn.Module, abc.ABC):
         raise TypeError(f"method '{self.facts.name}' does not cache image embeddings")
 
     @classmethod
-    def pretrained(cls) -> "SegmentationMethod | None":
-        """An instance initialised from third-party pretrained weights that a dependency ships
-        (e.g. LiteMedSAM's .pth), used when no weights file is given; None when there are none."""
+    def pretrained(cls, weights: "str | os.PathLike | None" = None) -> "SegmentationMethod | None":
+        """An instance initialised from third-party pretrained weights: ``weights`` (a ``.pth`` in
+        the third party's layout, e.g. a user's ``medsam_vit_b.pth``) or, when None, the copy a
+        dependency ships (LiteMedSAM's). None when the method reads no third-party weights."""
         return None
 
     # Interpretability: methods that weigh modalities or experts per case (SOFA's sub-region attention,

@@ -13,8 +13,9 @@ Design shared by both (:class:`BoxPromptMethod`):
   accepted (any of them can be configured). An instance configured for another modality carries
   its own facts (``dataclasses.replace``) that require that modality, so the engine's modality
   check asks the user for the sequence actually used; ``encode`` checks it once more at run time.
-- **A box is required.** Without one there is no prompt, so ``forward`` / ``predict_proba`` /
-  ``decode_proba`` raise :class:`BoxRequiredError` (a user error, shown by the GUI and the CLI).
+- **A box is required** (fact ``requires_box``: the engine refuses a box-less run before encoding
+  anything). Without one there is no prompt, so ``forward`` / ``predict_proba`` /
+  ``decode_proba`` raise :class:`BoxRequiredError` too (a user error, shown by the GUI and the CLI).
 - **Cacheable embeddings.** ``encode`` runs the image encoder (the heavy part) and ``decode_proba``
   the prompt encoder and mask decoder for a box; ``predict_proba`` is exactly
   ``decode_proba(encode(...))``, so the engine's cached and uncached paths agree bit for bit.
@@ -36,12 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
-from ..errors import BrainLesionSAMError, MissingModalityError, WeightsError
+from ..errors import BoxRequiredError, MissingModalityError, WeightsError
 from .base import MethodFacts, SegmentationMethod, register_method
 
-
-class BoxRequiredError(BrainLesionSAMError):
-    """A method that segments only inside a box prompt was run without a box."""
+__all__ = ["BoxRequiredError", "BoxPromptMethod", "LiteMedSAMMethod", "MedSAMMethod", "medsam_input"]
 
 
 class BoxPromptMethod(SegmentationMethod, abc.ABC):
@@ -138,6 +137,7 @@ class LiteMedSAMMethod(BoxPromptMethod):
         input_size=(256, 256),
         reference="Ma et al., Segment anything in medical images, Nat. Commun. 15:654 (2024); "
                   "LiteMedSAM (MedSAM on laptop, CVPR 2024 challenge baseline)",
+        requires_box=True,
     )
     default_config = {
         "modality": "flair",   # the one modality segmented on
@@ -214,6 +214,7 @@ class MedSAMMethod(BoxPromptMethod):
         cacheable_embeddings=True,
         input_size=(256, 256),
         reference="Ma et al., Segment anything in medical images, Nat. Commun. 15:654 (2024)",
+        requires_box=True,
     )
     default_config = {
         "modality": "flair",   # the one modality segmented on

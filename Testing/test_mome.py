@@ -142,14 +142,20 @@ def test_output_shapes_at_every_scale_and_the_fusion(model):
     with torch.no_grad():
         out = model.network(x)
     sizes = [(16,) * 3, (8,) * 3, (4,) * 3]
-    assert len(out.features) == len(out.expert_logits) == 5
-    assert all(f.shape == (2, 4, P, P, P) for f in out.features)
+    assert len(out.expert_logits) == 5
+    with torch.no_grad():
+        assert model.network.experts[0](x)[0].shape == (2, 4, P, P, P)  # first-stage features
     for logits in out.expert_logits:
         assert [tuple(t.shape) for t in logits] == [(2, 2) + s for s in sizes]
     assert [tuple(g.shape) for g in out.gates] == [(2, 5, 2) + s for s in sizes]
     assert [tuple(f.shape) for f in out.fused] == [(2, 2) + s for s in sizes]
-    # The gate sees the image and every expert's first-stage features: 1 + 5 x 4 channels.
+    # The gate sees the image and every expert's first-stage features: 1 + 5 x 4 channels; its
+    # channel i * 2 + k is expert i, class k (no activation by default, as the authors' code).
     assert model.network.gate.unet.input_block.conv1.conv.weight.shape[1] == 1 + 5 * 4
+    with torch.no_grad():
+        _, raw = model.network.gate.unet(torch.cat([x] + [e(x)[0] for e in model.network.experts], dim=1))
+    for s in range(3):
+        torch.testing.assert_close(out.gates[s], raw[s].reshape(2, 5, 2, *raw[s].shape[2:]))
     for s in range(3):
         expected = sum(out.expert_logits[i][s] * out.gates[s][:, i] for i in range(5))
         torch.testing.assert_close(out.fused[s], expected)

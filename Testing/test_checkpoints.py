@@ -97,3 +97,12 @@ def test_third_party_pth_goes_through_the_methods_own_reader(tmp_path):
     assert torch.equal(model.net.mask_decoder.state_dict()["mask_tokens.weight"], state["mask_decoder.mask_tokens.weight"])
     with pytest.raises(WeightsError, match="method 'unet2d' does not read third-party .pth files"):
         load_method("unet2d", path)
+
+
+def test_zero_dim_tensors_round_trip(tmp_path):
+    """Scalar parameters (e.g. a learnt temperature) hash and load like any other tensor."""
+    model = build_method("unet2d", {"channels": (8, 16), "strides": (2,)})
+    model.register_buffer("temperature", torch.tensor(0.5))
+    path = save_checkpoint(model, tmp_path / "scalar.safetensors")
+    state, _ = load_checkpoint(path, expected_method="unet2d")
+    assert state["temperature"].shape == () and float(state["temperature"]) == 0.5

@@ -276,12 +276,6 @@ def boxes_from_masks(masks: torch.Tensor, jitter: Sequence[int] = (0, 20), empty
     return boxes.to(torch.float32)
 
 
-def _requires_box_fact() -> dict[str, bool]:
-    # MethodFacts gained ``requires_box`` (the engine then refuses box-less runs before encoding);
-    # set it where the installed base class has it.
-    return {"requires_box": True} if "requires_box" in {f.name for f in dataclasses.fields(MethodFacts)} else {}
-
-
 @register_method
 class DBSAM(SegmentationMethod):
     facts = MethodFacts(
@@ -296,7 +290,7 @@ class DBSAM(SegmentationMethod):
         input_size=(NETWORK_SIZE, NETWORK_SIZE),
         reference="Qin et al., DB-SAM: Delving into High Quality Universal Medical Image Segmentation, "
                   "MICCAI 2024",
-        **_requires_box_fact(),
+        requires_box=True,
     )
     initialisation_keys = ("backbone_weights",)
     default_config = {

@@ -452,9 +452,16 @@ def test_prepare_only_and_export(cases, tmp_path, capsys):
                            "--licence", "CC-BY-4.0"]) == 0
     entry = json.loads(Path(f"{target}.catalogue.json").read_text())
     assert entry["sha256"] == file_sha256(target) and entry["size"] == target.stat().st_size
-    assert (entry["id"], entry["method"], entry["config"], entry["licence"]) == \
-        ("unet2d_smoke-best", "unet2d", "unet2d_smoke", "CC-BY-4.0")
+    assert (entry["id"], entry["method"], entry["file_name"], entry["url"], entry["licence"]) == \
+        ("unet2d_smoke-best", "unet2d", target.name, "https://example.org/w.safetensors", "CC-BY-4.0")
+    assert entry["config"] == {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0}
     assert entry["labels"] == [0, 1, 2, 4] and entry["modalities"] == list(MODALITIES)
+    # The catalogue (what the Slicer module and the CLI read) accepts the entry and loads the file with it.
+    from BrainLesionSAMLib.catalogue import ModelEntry, load_weights_file
+
+    catalogued = ModelEntry.from_dict(entry, "test")
+    assert tensors_sha256(load_weights_file(catalogued.method, target, catalogued.config).state_dict()) == \
+        load_checkpoint(target)[1]["sha256"]
     model = load_method("unet2d", target)
     best, _ = load_checkpoint(out / "best.safetensors")
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())

@@ -3,14 +3,17 @@
 The release format is the library's own (``BrainLesionSAMLib.checkpoints.save_checkpoint``:
 safetensors + JSON header with method, config, modalities, labels, training data, library version
 and the tensors' sha256), so ``brainlesionsam segment --method M --weights FILE`` and the Slicer
-module load an export directly. The catalogue entry (a dict, written as JSON beside the export) is
-what ``BrainLesionSAMLib/catalogue.py`` / ``BrainLesionSAM/Resources/Models.json`` list:
-id, method, config, url, sha256 and size of the file (what a download is verified against),
-modalities, labels, licence, plus the title, the method's config and a training description.
+module load an export directly. The catalogue entry (a dict, written as JSON beside the export) has
+the fields of ``BrainLesionSAMLib/catalogue.py``'s ``Models.json`` entries (id, title, version,
+method, config - the method settings that differ from its defaults -, file_name, url, origin,
+sha256 and size of the file - what a download is verified against -, modalities, labels, GPU
+memory, licence, description) and is validated by that module before it is written; add it to
+``Models.json`` by hand.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -36,13 +39,28 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
         raise ExportError(f"{run_dir} is not a training run folder (no readable config.json)") from None
 
 
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def estimated_gpu_memory_gb(path: Path) -> float:
+    """A rough inference estimate for the catalogue: CUDA context (0.5 GB) + the weights + three times
+    the weights for activations, rounded up to 0.5 GB. Give the measured value when you have one."""
+    weights_gb = path.stat().st_size / 2**30
+    return math.ceil((0.5 + 4.0 * weights_gb) * 2.0) / 2.0
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
-               model_id: str | None = None, url: str = "", licence: str = "") -> dict[str, Any]:
+               model_id: str | None = None, url: str = "", licence: str = "", version: str = "1",
+               gpu_memory_gb: float | None = None, title: str | None = None) -> dict[str, Any]:
     """Write ``out`` (release checkpoint) from a run's ``best`` / ``final`` weights or its ``last``
-    training checkpoint, and ``<out>.catalogue.json``; returns the catalogue entry.
+    training checkpoint, and ``<out>.catalogue.json``; returns the catalogue entry, checked by
+    ``BrainLesionSAMLib.catalogue.ModelEntry.from_dict`` (the catalogue's own validation).
 
     ``best`` falls back to ``final`` when the run never validated.
     """
+    from BrainLesionSAMLib.catalogue import ModelEntry
+
     run_dir, out = Path(run_dir), Path(out)
     if which not in WHICH:
         raise ExportError(f"--which must be one of {', '.join(WHICH)}, not {which!r}")
@@ -65,8 +83,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
             raise ExportError(f"{run_dir} has no training checkpoint to export")
         state, method_config, steps = saved["model"], json.loads(saved["config"])["method_config"], saved["step"]
         training = f"{config['data']['root']}: config {config['name']}, {steps} steps (training checkpoint)"
-    config_for_build = {**method_config, **{key: None for key in cls.initialisation_keys}}
-    model = build_method(name, config_for_build)
+    model = build_method(name, {**method_config, **{key: None for key in cls.initialisation_keys}})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -74,22 +91,30 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
     save_checkpoint(model, out, training_data=training,
                     extra={"training_config": config["name"], "training_steps": steps, "exported_from": which})
     header = read_header(out)
+    # Only what differs from the method's defaults: the catalogue compares it with the loaded model.
+    defaults = _json(cls.default_config)
+    changed = {k: v for k, v in _json(header["config"]).items() if defaults.get(k) != v and k not in cls.initialisation_keys}
+    facts = model.facts
     entry = {
         "id": model_id or f"{config['name']}-{which}",
-        "title": f"{cls.facts.title} trained with config {config['name']}",
+        "title": title or f"{cls.facts.title}, trained ({config['name']})",
+        "version": str(version),
         "method": name,
-        "config": config["name"],
-        "method_config": header["config"],
-        "url": url,
+        "config": changed,
+        "file_name": out.name,
+        "url": url or None,
+        "origin": (f"Trained with brainlesionsam-train --config {config['name']} on {config['data']['root']} "
+                   f"({steps} steps); exported from {run_dir} ({which})" + ("" if url else "; import the file")),
         "sha256": file_sha256(out),
         "size": out.stat().st_size,
-        "modalities": list(cls.facts.modalities),
-        "required_modalities": list(cls.facts.required_modalities),
-        "label_set": cls.facts.label_set,
-        "labels": list(cls.facts.labels),
-        "licence": licence,
-        "training_data": training,
-        "tensors_sha256": header["sha256"],
+        "modalities": list(facts.modalities),
+        "required_modalities": list(facts.required_modalities),
+        "label_set": facts.label_set,
+        "labels": list(facts.labels),
+        "gpu_memory_gb": float(gpu_memory_gb) if gpu_memory_gb else estimated_gpu_memory_gb(out),
+        "licence": licence or "unspecified",
+        "description": f"{training}. Release checkpoint sha256 of the tensors: {header['sha256']}.",
     }
+    ModelEntry.from_dict(entry, f"catalogue entry for {out}")
     write_json(Path(f"{out}.catalogue.json"), entry)
     return entry

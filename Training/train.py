@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--id", dest="model_id", help="catalogue id (default <config>-<which>)")
     export.add_argument("--url", default="", help="where the file will be downloadable (catalogue entry)")
     export.add_argument("--licence", default="", help="licence of the weights (catalogue entry)")
+    export.add_argument("--version", default="1", help="version of the weights (catalogue entry)")
+    export.add_argument("--title", default=None, help="title shown in the Slicer panel (catalogue entry)")
+    export.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="GPU memory the weights need at inference (catalogue entry; default: a rough estimate)")
     return parser
 
 
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise BrainLesionSAMError("--export needs --out FILE.safetensors")
             if args.out.exists():
                 raise BrainLesionSAMError(f"{args.out} already exists; choose another --out")
-            entry = export_run(args.export, args.out, args.which, args.model_id, args.url, args.licence)
+            entry = export_run(args.export, args.out, args.which, args.model_id, args.url, args.licence,
+                               args.version, args.gpu_memory_gb, args.title)
             print(json.dumps(entry, indent=1))
             print(f"wrote {args.out} and {args.out}.catalogue.json")
             return 0

@@ -92,6 +92,8 @@ def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
         tag = f"sample_n{sample['n']}_seed{sample['seed']}_res{sample['resolution']}"
         data["cache"] = str(data["cache"] or base / tag)
         data["root"] = str(Path(data["cache"]).parent / f"{tag}_cases")
+    else:
+        data["sample_cases"] = None  # a dataset is given: nothing is generated into it
     data["cache"] = str(data["cache"] or base / Path(data["root"]).resolve().name)
     if data["splits"] is None:
         fractions = "-".join(f"{f:g}" for f in data["split_fractions"])
@@ -208,7 +210,10 @@ class Trainer:
                  + (f"; resuming from {state['path']} (step {state['step']})" if state else ""))
 
         split = self.prepare_data()
-        facts = cls.facts
+        # The instance's facts: a method's config may change them (e.g. a 3D patch size, the modality
+        # a box-prompt method segments on).
+        method = self._build_method(cls)
+        facts = method.facts
         dataset = TrainingSamples(config["data"]["cache"], split["train"], facts, config["data"],
                                   config["augmentation"], log=self.log)
         batch, accumulation = train["batch_size"], train["accumulation_steps"]
@@ -235,7 +240,7 @@ class Trainer:
                  f"{steps_per_epoch} step(s) per epoch of {batch} x {accumulation} x {context.world_size} samples; "
                  f"{total_steps} step(s) = {epochs} epoch(s); {len(validation_cases)} validation case(s)")
 
-        method = self._build_method(cls).to(context.device)
+        method = method.to(context.device)
         self.initial_digest = tensors_sha256(method.state_dict()) if state is None else state.get("initial_weight_sha256")
         method.train()
         wrapper: nn.Module = TrainingStep(method)

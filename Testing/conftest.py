@@ -43,3 +43,21 @@ def blob_case(shape_zyx=(21, 37, 45), seed=0, **geometry):
 @pytest.fixture
 def synthetic_case():
     return blob_case()
+
+
+@pytest.fixture(scope="session")
+def lesion_batch():
+    """Two lesion slices of a 2 mm sample case (seed 3) as the engine gives them to a 2D method:
+    images [2, 4, 256, 256] in [0, 255], available [2, 4], whole-tumour target [2, 1, 256, 256] bool.
+    Read-only: shared by the method tests' training-step checks."""
+    import torch
+    from BrainLesionSAMLib.preprocessing import prepare_case
+    from BrainLesionSAMLib.sample import SampleParameters, generate_case
+
+    images = generate_case(SampleParameters.random(3, resolution=2))
+    seg = sitk.GetArrayFromImage(images.pop("seg"))
+    case = prepare_case(images)
+    z = [int(i) for i in np.argsort((seg > 0).sum(axis=(1, 2)))[-2:]]
+    target = case.slice_geometry.to_network(seg[z][:, None].astype(np.float32), nearest=True) > 0
+    available = torch.as_tensor(case.available)[None].expand(len(z), -1)
+    return case.network_slices(z), available, target

@@ -7,9 +7,7 @@ a sixteenth of the tokens."""
 import dataclasses
 import warnings
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from BrainLesionSAMLib.errors import MissingModalityError
@@ -17,8 +15,6 @@ from BrainLesionSAMLib.methods import MethodFacts, build_method
 from BrainLesionSAMLib.methods.brainsegdmif import BrainSegDMIF, flops_per_slice
 from BrainLesionSAMLib.methods.brainsegdmif_modules import (DynamicModalInteractiveFusion, FocalDiceLoss,
                                                             LayerByLayerUpsamplingDecoder, PromptGenerator)
-from BrainLesionSAMLib.preprocessing import prepare_case
-from BrainLesionSAMLib.sample import SampleParameters, generate_case
 
 # Independent counts. SAM ViT-B parts at 256 input (METHODS.md), its neck (1x1 conv 768 -> 256, LN,
 # 3x3 conv 256 -> 256, LN), TinyViT's encoder and neck.
@@ -250,18 +246,6 @@ def test_gradient_reaches_every_trainable_parameter(model):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-
-
-@pytest.fixture(scope="module")
-def lesion_batch():
-    """Two lesion slices of a 2 mm sample case, as the engine gives them, and the whole tumour."""
-    images = generate_case(SampleParameters.random(3, resolution=2))
-    seg = sitk.GetArrayFromImage(images.pop("seg"))
-    case = prepare_case(images)
-    z = [int(i) for i in np.argsort((seg > 0).sum(axis=(1, 2)))[-2:]]
-    target = case.slice_geometry.to_network(seg[z][:, None].astype(np.float32), nearest=True) > 0
-    available = torch.as_tensor(case.available)[None].expand(len(z), -1)
-    return case.network_slices(z), available, target
 
 
 def test_one_adam_step_lowers_the_loss(lesion_batch):

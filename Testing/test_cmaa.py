@@ -1,14 +1,10 @@
 """CMAA on CPU at 256 with random SAM weights (and the LiteMedSAM backbone with its real weights):
 shapes, missing modalities, what is frozen, one step."""
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from BrainLesionSAMLib.methods import MethodFacts
 from BrainLesionSAMLib.methods.cmaa import CMAA, build_loss, stream_inputs
-from BrainLesionSAMLib.preprocessing import prepare_case
-from BrainLesionSAMLib.sample import SampleParameters, generate_case
 
 # Independent counts (METHODS.md): SAM ViT-B parts at 256 input, six 1536 -> 768 1x1 convs,
 # two 2 -> 3 1x1 convs.
@@ -82,18 +78,6 @@ def test_forward_shape_probabilities_and_missing_modality(model):
     assert probabilities.shape == (2, 2, 256, 256) and torch.isfinite(probabilities).all()
     torch.testing.assert_close(probabilities.sum(1), torch.ones(2, 256, 256))
     torch.testing.assert_close(probabilities[0], probabilities[1], atol=1e-5, rtol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def lesion_batch():
-    """Two lesion slices of a 2 mm sample case, as the engine gives them, and the whole tumour."""
-    images = generate_case(SampleParameters.random(3, resolution=2))
-    seg = sitk.GetArrayFromImage(images.pop("seg"))
-    case = prepare_case(images)
-    z = [int(i) for i in np.argsort((seg > 0).sum(axis=(1, 2)))[-2:]]
-    target = case.slice_geometry.to_network(seg[z][:, None].astype(np.float32), nearest=True) > 0
-    available = torch.as_tensor(case.available)[None].expand(len(z), -1)
-    return case.network_slices(z), available, target
 
 
 def test_one_adamw_step_trains_only_the_trainable_part(lesion_batch):

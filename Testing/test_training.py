@@ -213,7 +213,7 @@ def test_sampler_balances_slices_and_shards_them_by_rank(cases):
     assert list(ranks[0]) == shares[0][3:] and len(ranks[0]) == len(shares[0]) - 3
 
 
-def test_samples_follow_the_training_contract(cases):
+def test_samples_follow_the_training_contract(cases, monkeypatch):
     _, cache = cases
     case_ids = [p.name for p in sorted(cache.iterdir()) if p.is_dir()][:2]
     data, augmentation = _data_config(cache)
@@ -230,6 +230,13 @@ def test_samples_follow_the_training_contract(cases):
     again = dataset[(lesion_item, 123)]
     assert all(torch.equal(sample[k], again[k]) for k in sample)  # a sample depends on its seed only
     assert not torch.equal(dataset[(lesion_item, 124)]["images"], sample["images"])
+    # Only a bounded number of cases keep their memory maps (file descriptors) open.
+    monkeypatch.setattr("Training.sampling.OPEN_CASES", 1)
+    other_item = int(np.flatnonzero(dataset.items[:, 0] != dataset.items[lesion_item, 0])[0])
+    dataset[(other_item, 1)]
+    first, second = (dataset.cases[int(dataset.items[i, 0])] for i in (lesion_item, other_item))
+    assert "images" not in first.__dict__ and "images" in second.__dict__
+    assert torch.equal(dataset[(lesion_item, 123)]["images"], sample["images"])  # reopened on demand
 
     # A promptable lesion method gets ground-truth boxes; single-modality sampling names the modality.
     data, augmentation = _data_config(cache, single_modality=True, box_jitter_px=[0, 0])

@@ -215,6 +215,11 @@ class CachedCase:
     def foreground(self) -> np.ndarray:
         return np.load(self.folder / "foreground.npy") if self.meta["has_labels"] else np.zeros((0, 3), np.int32)
 
+    def close(self) -> None:
+        """Drop the memory maps (each holds a file descriptor); they reopen on the next access."""
+        for name in ("images", "labels", "foreground"):
+            self.__dict__.pop(name, None)
+
     @property
     def available(self) -> np.ndarray:
         return np.asarray(self.meta["available"], dtype=bool)

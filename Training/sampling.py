@@ -27,6 +27,7 @@ resumed run sees exactly the samples an uninterrupted run would have seen.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
@@ -40,6 +41,8 @@ from BrainLesionSAMLib.preprocessing import SliceGeometry
 from .augmentation import augment, build_augmentation
 from .cache import CachedCase, classes_for
 from .datasets import DatasetError
+
+OPEN_CASES = 64
 
 
 def box_from_mask(mask: np.ndarray | torch.Tensor, rng: np.random.Generator, jitter: tuple[int, int]
@@ -121,6 +124,16 @@ class TrainingSamples(Dataset):
             self.items = np.arange(len(self.cases), dtype=np.int64)[:, None]
             self.is_lesion = np.ones(len(self.cases), dtype=bool)
         self.transform = build_augmentation(augmentation, self.spatial_dims)
+        self._open: OrderedDict[int, None] = OrderedDict()
+
+    def _case(self, index: int) -> CachedCase:
+        """Case ``index`` with at most ``OPEN_CASES`` cases' memory maps open (each map holds a file
+        descriptor; a BraTS training set would exceed the usual limit of 1024)."""
+        self._open[index] = None
+        self._open.move_to_end(index)
+        while len(self._open) > OPEN_CASES:
+            self.cases[self._open.popitem(last=False)[0]].close()
+        return self.cases[index]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -147,7 +160,7 @@ class TrainingSamples(Dataset):
         index, seed = key
         rng = np.random.default_rng(int(seed))
         case_index = int(self.items[index, 0])
-        case = self.cases[case_index]
+        case = self._case(case_index)
         if self.spatial_dims == 2:
             z = int(self.items[index, 1])
             _, height, width = case.meta["shape_zyx"]

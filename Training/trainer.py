@@ -77,9 +77,10 @@ class TrainingStep(nn.Module):
 
 
 def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
-    """Fill in the run folder, dataset root, cache and split file (in place) and return the config."""
+    """Fill in the run folder, dataset root, cache and split file as absolute paths (in place; the run's
+    config.json is then usable from any folder) and return the config."""
     data = config["data"]
-    run_dir = Path(config["output"]["dir"] or Path("runs") / config["name"])
+    run_dir = Path(config["output"]["dir"] or Path("runs") / config["name"]).absolute()
     config["output"]["dir"] = str(run_dir)
     base = run_dir.parent / "cache"
     if data["root"] is None:
@@ -94,11 +95,13 @@ def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
         data["root"] = str(Path(data["cache"]).parent / f"{tag}_cases")
     else:
         data["sample_cases"] = None  # a dataset is given: nothing is generated into it
-    data["cache"] = str(data["cache"] or base / Path(data["root"]).resolve().name)
+    data["root"] = str(Path(data["root"]).absolute())
+    data["cache"] = str(Path(data["cache"] or base / Path(data["root"]).resolve().name).absolute())
     if data["splits"] is None:
         fractions = "-".join(f"{f:g}" for f in data["split_fractions"])
         folds = f"_{data['folds']}fold" if data["folds"] >= 2 else ""
         data["splits"] = str(Path(data["cache"]) / f"splits_seed{data['split_seed']}_{fractions}{folds}.json")
+    data["splits"] = str(Path(data["splits"]).absolute())
     return config
 
 
@@ -196,7 +199,7 @@ class Trainer:
             state = load_latest_state(self.run_dir, map_location="cpu")
         else:
             state = None
-            if context.is_main and any(self.run_dir.glob("checkpoints/step_*.pt")):
+            if any(self.run_dir.glob("checkpoints/step_*.pt")):
                 raise TrainingError(f"{self.run_dir} holds a run already; resume it (leave out --no-resume) or "
                                     "choose another output.dir")
         if state is not None:

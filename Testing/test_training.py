@@ -55,7 +55,7 @@ def cases(tmp_path_factory):
 
 
 def tiny_unet_overrides(root: Path, cache: Path, out: Path, *extra: str) -> list[str]:
-    return [f"data.root={root}", f"data.cache={cache}", f"output.dir={out}", "train.threads=1", *extra]
+    return [f"data.root={root}", f"data.cache={cache}", f"output.dir={out}", *extra]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +390,7 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(cases, tmp_pa
     root, cache = cases
     # Dropout and a data-loader worker: the random states and the per-sample seeds must both resume.
     common = ["-m", "Training.train", "--config", "unet2d_smoke", "train.max_steps=6", "train.checkpoint_every_steps=2",
+              "train.threads=1",
               "method_config.dropout=0.2", "train.num_workers=1", "validation.every_epochs=0", "scheduler.warmup_epochs=0"]
     uninterrupted = _run(common + tiny_unet_overrides(root, cache, tmp_path / "full"))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]

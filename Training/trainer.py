@@ -168,6 +168,7 @@ class Trainer:
         config, train = self.config, self.config["train"]
         cls = method_class(config)  # a clear error before anything else when the method is not registered
         self.context = context = distributed.setup(train)
+        threads = torch.get_num_threads()
         try:
             if train["threads"]:
                 torch.set_num_threads(int(train["threads"]))
@@ -176,6 +177,7 @@ class Trainer:
             distributed.barrier(context)
             return self._run(cls)
         finally:
+            torch.set_num_threads(threads)  # a caller's process (a notebook, a test run) keeps its setting
             if self.logger is not None:
                 self.logger.close()
             distributed.teardown(context)

@@ -70,8 +70,11 @@ Where this implementation differs, and why:
   parameters, so this equals separate single-modality nnU-Nets trained side by side.
   ``pretraining_learning_rate`` 1e-2 and ``pretraining_epochs`` 1000 are nnU-Net v2's defaults (the
   repository does not contain the pre-training runs).
-- Optimiser, schedule and clipping are methods here (:meth:`MoME.configure_optimizer`,
-  :meth:`MoME.learning_rate_at`, :meth:`MoME.clip_gate_gradients`) for ``Training/`` to call.
+- Optimiser, schedule and clipping: the config keys here (``learning_rate``, ``momentum``,
+  ``nesterov``, ``weight_decay``, ``poly_exponent``, ``gate_grad_clip``) are the paper's values;
+  ``Training/`` builds SGD, the poly schedule and the gate-only clipping from
+  ``Training/configs/mome.json`` (``train.grad_clip_parameters: ["network.gate."]``), and a test
+  there checks that config against these defaults.
 
 Per-case weights (:meth:`MoME.case_weights`): {'gate': {expert: share}}, the share of each expert in
 the full-resolution gate, ``|g_i| / sum_j |g_j|`` (the weight itself under softmax), averaged over
@@ -465,25 +468,6 @@ class MoME(SegmentationMethod):
                        for s in range(len(output.fused))]
             total = total + expert_weight * self.loss(matched, target)
         return total + fused_weight * self.loss(output.fused, target)
-
-    def configure_optimizer(self) -> torch.optim.SGD:
-        """SGD over all parameters (experts and gate), Nesterov, as the authors' trainer."""
-        c = self.config
-        learning_rate = c["pretraining_learning_rate"] if c["training_stage"] == "experts" else c["learning_rate"]
-        return torch.optim.SGD(self.parameters(), lr=learning_rate, momentum=c["momentum"],
-                               nesterov=c["nesterov"], weight_decay=c["weight_decay"])
-
-    def learning_rate_at(self, progress: float) -> float:
-        """nnU-Net's poly schedule: lr0 (1 - epoch / epochs)^0.9, ``progress`` = epoch / epochs."""
-        curriculum_weights(progress)  # the same range check
-        c = self.config
-        learning_rate = c["pretraining_learning_rate"] if c["training_stage"] == "experts" else c["learning_rate"]
-        return learning_rate * (1.0 - float(progress)) ** c["poly_exponent"]
-
-    def clip_gate_gradients(self) -> torch.Tensor:
-        """Clip the gate's gradient norm to ``gate_grad_clip`` (call between backward and step, after
-        unscaling under AMP); returns the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(self.network.gate.parameters(), self.config["gate_grad_clip"])
 
     # -- inference ----------------------------------------------------------------------------------
 

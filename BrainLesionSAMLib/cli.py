@@ -355,6 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("brainlesionsam-demo"))
     _add_inference_options(demo, default_method="unet2d")
     demo.set_defaults(handler=command_demo, box=None)
+
+    web = sub.add_parser("web", help="the Segment panel in a browser, on trame-slicer (needs the 'web' extra)")
+    web.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1); another one needs --allow-remote")
+    web.add_argument("--allow-remote", action="store_true", help="serve on a non-loopback --host: NO authentication")
+    web.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    web.add_argument("--data", type=Path, help="folder of case folders for the case picker")
+    web.add_argument("--out", type=Path, help="default folder for Save (default ./brainlesionsam-web-output)")
+    web.add_argument("--idle-exit", type=float, default=0, metavar="SECONDS",
+                     help="stop when no page has been connected for this long (default 0: never)")
+
+    def command_web(args):  # imported here: trame and slicer-core load only for this command
+        try:
+            from BrainLesionSAMWeb.server import serve
+        except ImportError as error:
+            raise BrainLesionSAMError(f"the web front end cannot be imported ({error}); install it with the "
+                                      "'web' extra: pip install -e \".[web]\"") from None
+        return serve(args)
+    web.set_defaults(handler=command_web)
     return parser
 
 

@@ -1,8 +1,9 @@
 """The web page end to end in headless Chromium (Playwright driving Debian's /usr/bin/chromium) against
 a real ``brainlesionsam web`` server: pick a generated case, Segment with unet2d, check the lesion-volume
 table against the library and a screenshot for the overlay, an error shown in the page, draw and drag a
-box, Refine with litemedsam, Save, reload the files, the overwrite confirmation - and the server stopping
-by itself once the page is gone. Waits are on the page's state (``data-phase``, texts), never fixed sleeps.
+box, Refine with litemedsam, Save, reload the files, the overwrite confirmation, four files opened in
+the page - and the server stopping by itself once the page is gone. Waits are on the page's state
+(``data-phase``, texts, what the views show), never fixed sleeps.
 
 The tests run in file order on one page; the case is a generated 2 mm case cut to 6 axial slices.
 """
@@ -146,6 +147,7 @@ def test_segment_shows_the_volume_table_and_the_overlay(page, shots, expected_vo
     message = page.text("#blsam-message")
     print(f"Segment (unet2d, 6 slices at 2 mm) in the page: {seconds:.1f} s - {message}")
     assert message.startswith("segmented with unet2d"), page.text("#blsam-error")
+    assert page.page.locator("#blsam-cancel").is_disabled() and page.page.locator("#blsam-save").is_enabled()
     table = page.volume_table()
     assert list(table) == ["Necrotic core", "Edema", "Enhancing tumor", "WT", "TC", "ET"]
     assert table == pytest.approx({k: round(v, 2) for k, v in expected_volumes.items()}, abs=0.006)
@@ -186,6 +188,7 @@ def test_draw_drag_and_refine_inside_the_box(page, shots):
     message = page.text("#blsam-message")
     print(f"Refine (litemedsam, {z1 - z0 + 1} slices) in the page: {seconds:.1f} s - {message}")
     assert message.startswith("refined with litemedsam"), page.text("#blsam-error")
+    assert page.page.locator("#blsam-cancel").is_disabled() and page.page.locator("#blsam-save").is_enabled()
     added, removed = (int(v) for v in re.search(r"(\d+) voxels added, (\d+) removed", message).groups())
     after = page.volume_table()
     assert after["Necrotic core"] == table["Necrotic core"] and after["Enhancing tumor"] == table["Enhancing tumor"]
@@ -228,6 +231,16 @@ def test_save_reload_and_the_overwrite_confirmation(page, server):
     page.page.locator("#blsam-overwrite").click()
     page.wait_text("#blsam-message", "saved")
     assert all(p.stat().st_mtime_ns != s for p, s in zip(paths, stamps))
+
+
+def test_four_files_opened_in_the_page_replace_the_case(page, data_dir):
+    files = [str(data_dir / CASE_ID / f"{CASE_ID}_{key}.nii.gz") for key in ("flair", "t1", "t1ce", "t2")]
+    page.page.locator("input[type=file]:not([webkitdirectory])").set_input_files(files)
+    message = page.wait_text("#blsam-message", "volume(s)")
+    assert message == f"loaded {CASE_ID}: 4 volume(s); assigned by name: T1, T1CE, T2, FLAIR"
+    page.wait_phase("idle")
+    assert page.page.locator("#blsam-volumes").count() == 0  # the previous result went with its case
+    assert not page.page.locator("#blsam-segment").is_disabled()
 
 
 def test_server_stops_by_itself_once_the_page_is_gone(page, server, browser):

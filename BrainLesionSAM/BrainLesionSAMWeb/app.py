@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import traceback
 from pathlib import Path
 
@@ -492,6 +491,6 @@ class WebApp:
 
     # ------------------------------------------------------------------ run
     def start(self, host: str, port: int, idle_exit_s: float = 0, **kwargs):
-        self.started = time.perf_counter()
+        """Blocks until the server stops (``idle_exit_s`` > 0: once no page has been connected that long)."""
         return self.server.start(host=host, port=port, open_browser=False, timeout=int(idle_exit_s),
                                  show_connection_info=False, **kwargs)

@@ -20,6 +20,7 @@ channels). ``encode`` = all three in a row and equals the encoder's own forward.
 """
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable
 
@@ -60,7 +61,7 @@ def decode_one_mask_per_image(prompt_encoder: nn.Module, mask_decoder: nn.Module
     return torch.cat(masks, dim=0)
 
 
-class SamBackbone(nn.Module):
+class SamBackbone(nn.Module, abc.ABC):
     """Image encoder (block by block), prompt encoder and mask decoder of one SAM-family network.
 
     Subclasses set ``name``, ``image_size``, ``embedding_size``, ``block_dims``, ``block_grids``
@@ -83,22 +84,22 @@ class SamBackbone(nn.Module):
         """Side of the decoder's mask logits (4x the embedding)."""
         return 4 * self.embedding_size
 
+    @abc.abstractmethod
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] images on the 0-255 scale -> what the image encoder was trained on."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def tokens(self, normalized: torch.Tensor) -> torch.Tensor:
         """Encoder input [B, 3, S, S] -> the first block's input, channels-last [B, H, W, C]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Encoder block ``index`` (with its stage's downsampling if it is the stage's last block):
         [B, H, W, C] -> [B, block_grids[index], block_grids[index], block_dims[index]]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's output [B, H, W, C] -> image embedding [B, 256, E, E] (the neck)."""
-        raise NotImplementedError
 
     def encode(self, normalized: torch.Tensor, after_block: BlockHook | None = None) -> torch.Tensor:
         """[B, 3, S, S] normalised images -> embeddings [B, 256, E, E]; ``after_block(i, x)``, if

@@ -17,6 +17,7 @@ from conftest import blob_case
 # LiteMedSAM's parts (test_litemedsam.py / METHODS.md) and SAM ViT-B at 256; 3 x Linear(256 -> 1).
 LITE_ENCODER, PROMPT_ENCODER, MASK_DECODER, SAM_VIT_B_256 = 5_726_740, 6_220, 4_058_340, 90_737_200
 ATTENTION = 3 * (256 + 1)
+REGION_PROMPTS = 3 * 256
 S = 256
 
 
@@ -63,6 +64,7 @@ def test_facts_and_config():
                          ({"attention_pooling": "max"}, "attention_pooling"),
                          ({"first_pass_prompt": "brain"}, "first_pass_prompt"),
                          ({"refine": "yes"}, "refine"),
+                         ({"region_prompts": 1}, "region_prompts"),
                          ({"lambda_iou": -1}, "lambda_iou"),
                          ({"train_box_jitter_px": 2.5}, "train_box_jitter_px"),
                          ({"train_user_box_probability": 2}, "train_user_box_probability"),
@@ -79,24 +81,27 @@ def test_parameter_counts_weights_and_frozen_encoder(model):
     from BrainLesionSAMLib.cli import parameter_counts
 
     lite = LITE_ENCODER + PROMPT_ENCODER + MASK_DECODER
-    assert model.parameter_counts() == {"total": lite + ATTENTION, "trainable": lite + ATTENTION} == \
-        {"total": 9_792_071, "trainable": 9_792_071}
+    ours = ATTENTION + REGION_PROMPTS
+    assert model.parameter_counts() == {"total": lite + ours, "trainable": lite + ours} == \
+        {"total": 9_792_839, "trainable": 9_792_839}
     assert abs(lite / 9.8e6 - 1) < 0.01  # "LiteMedSAM alone is 9.8M"
     # Meta-device counts (what `brainlesionsam info` reports), both backbones.
     assert parameter_counts("sofa") == model.parameter_counts()
-    assert parameter_counts("sofa", {"backbone": "vit_b"})["total"] == SAM_VIT_B_256 + ATTENTION
+    assert parameter_counts("sofa", {"backbone": "vit_b"})["total"] == SAM_VIT_B_256 + ours
+    assert parameter_counts("sofa", {"region_prompts": False})["total"] == lite + ATTENTION
     published = load_lite_medsam_state()
     state = model.backbone.state_dict()
     assert published.keys() == state.keys()
     assert all(torch.equal(state[k], v) for k, v in published.items())
     assert model.attention.score.weight.abs().sum() == 0  # zero init: mean fusion at the start
+    assert model.region_prompts.abs().sum() == 0          # and no sub-region prompt yet
 
     # (TinyViT cannot be built on the meta device - its constructor reads tensor values - so the
     # counts above come from the fallback real build; these are real builds too.)
     frozen = SOFA(freeze_image_encoder=True).train()
     assert not frozen.backbone.image_encoder.training and frozen.backbone.mask_decoder.training
     assert all(not p.requires_grad for p in frozen.backbone.image_encoder.parameters())
-    assert frozen.parameter_counts()["trainable"] == PROMPT_ENCODER + MASK_DECODER + ATTENTION
+    assert frozen.parameter_counts()["trainable"] == PROMPT_ENCODER + MASK_DECODER + ours
     trained = copy.deepcopy(model).train()
     assert trained.backbone.image_encoder.training
 
@@ -194,6 +199,7 @@ class ScriptedDecoder:
 
     def __call__(self, embeddings, boxes):
         self.calls.append((embeddings.shape[0], None if boxes is None else boxes.clone()))
+        self.embeddings = getattr(self, "embeddings", []) + [embeddings.detach().clone()]
         return self.first.flatten(0, 1) if len(self.calls) == 1 else self.second[: embeddings.shape[0]]
 
 
@@ -235,6 +241,34 @@ def test_two_pass_logic_with_a_scripted_decoder(model, monkeypatch):
     result = model.two_pass(embeddings, available)
     assert len(decoder.calls) == 1 and decoder.calls[0][1] is None and result.second_boxes is None
     assert torch.equal(result.logits, first)
+
+
+def test_region_prompts_tell_the_decoder_which_sub_region(model, monkeypatch):
+    """What the decoder gets for sub-region r is f_r + t_r (t_r: r's learnt dense prompt); without
+    region prompts and with equal attention weights the three sub-regions get identical inputs."""
+    torch.manual_seed(0)
+    embeddings = torch.randn(1, 4, 256, 2, 2)
+    available = torch.tensor([[True, False, True, True]])
+    mean = embeddings[0, [0, 2, 3]].mean(dim=0)
+    first = torch.full((1, 3, S, S), -5.0)
+    with_prompts = copy.deepcopy(model)
+    with torch.no_grad():
+        with_prompts.region_prompts.copy_(torch.randn(3, 256))
+    for method, prompts in ((with_prompts, with_prompts.region_prompts.detach()),
+                            (model, torch.zeros(3, 256))):
+        decoder = ScriptedDecoder(first, first[0])
+        monkeypatch.setattr(method, "_decode", decoder)
+        method.two_pass(embeddings, available)
+        given = decoder.embeddings[0]
+        for r in range(3):
+            torch.testing.assert_close(given[r], mean + prompts[r][:, None, None])
+    without = copy.deepcopy(model)
+    without.region_prompts = None
+    without.config = {**model.config, "region_prompts": False}
+    decoder = ScriptedDecoder(first, first[0])
+    monkeypatch.setattr(without, "_decode", decoder)
+    without.two_pass(embeddings, available)
+    assert torch.equal(decoder.embeddings[0][0], decoder.embeddings[0][1])
 
 
 def test_two_passes_on_the_real_network_and_refinement_switch(model, lesion_embeddings):

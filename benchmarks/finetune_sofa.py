@@ -3,7 +3,13 @@ sub-region before (the untrained head) and after, through the library's engine a
 
     python benchmarks/finetune_sofa.py [--train-seeds 20000 ...] [--test-seeds 30000 ...]
         [--resolution 2] [--steps 300] [--lr 1e-4] [--batch-size 2] [--slices-per-case 16]
-        [--background-ratio 0.25] [--threads 1] [--cache-dir /tmp/sofa_finetune_cache]
+        [--background-ratio 0.25] [--test-margin 2] [--threads 1] [--cache-dir /tmp/sofa_finetune_cache]
+        [--trained FILE [--train-only]] [--prepare-only]
+
+On a shared CPU the phases can run as separate processes: ``--prepare-only`` encodes the training
+slices and the test slabs (and scores the untrained head), ``--train-only --trained FILE`` trains and
+writes FILE, and a last run with ``--trained FILE`` loads it and scores before and after from the
+cached embeddings (decoder only).
 
 What it does:
 
@@ -19,8 +25,10 @@ What it does:
    encoder and the mask decoder, with ``SOFA.embedding_loss`` (the method's own one-vs-all loss of
    both passes; no image augmentation: the embeddings are fixed). No box is given in training, so
    pass 1 always trains with the automatic whole-slice box - the mode that is evaluated. Adam with
-   cosine decay to 0 over ``--steps`` (the paper: Adam 3e-5, cosine, batch 2, 200 epochs; a higher
-   rate for a few hundred steps, see ``--lr``).
+   cosine decay to 0 over ``--steps``, lr 1e-4 for LiteMedSAM's decoder and prompt encoder and
+   3e-3 for the new parts (attention and sub-region prompts start at zero and must grow within a
+   few hundred steps); the paper: Adam 3e-5 for everything, cosine, batch 2, 200 epochs.
+   ``--no-region-prompts`` trains the paper's literal design (``region_prompts: False``).
 4. Evaluation: every test case through ``InferenceEngine`` (no box) before and after training, on
    the slab of its lesion's axial slices +- ``--test-margin`` (2) slices (the whole volume is
    prepared first, so intensities are normalised as for the full case; ``--test-margin -1`` runs
@@ -40,6 +48,7 @@ import argparse
 import hashlib
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -159,63 +168,13 @@ def mean_scores(scores: list[dict]) -> dict[str, float]:
     return {s: statistics.fmean(row[s] for row in scores) for s in STRUCTURES}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train-seeds", type=int, nargs="+", default=[20000, 20001, 20002])
-    parser.add_argument("--test-seeds", type=int, nargs="+", default=[30000, 30001])
-    parser.add_argument("--resolution", type=int, default=2, choices=(1, 2))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--slices-per-case", type=int, default=16)
-    parser.add_argument("--background-ratio", type=float, default=0.25)
-    parser.add_argument("--test-margin", type=int, default=2,
-                        help="evaluate the test cases on their lesion's slices +- this many (-1: whole volume)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/sofa_finetune_cache"))
-    parser.add_argument("--skip-before", action="store_true", help="do not evaluate the untrained head")
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="encode the training and test slices (and score the untrained head), then stop")
-    args = parser.parse_args()
-    if set(args.train_seeds) & set(args.test_seeds):
-        parser.error("training and test seeds must be disjoint")
-    if min(args.train_seeds) < 20000:
-        parser.error("training seeds start at 20000 (smaller seeds are the demo's and the tests')")
-    torch.set_num_threads(args.threads)
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    tag = "lite"  # the packaged lite_medsam.pth encoder, frozen
-
-    torch.manual_seed(args.seed)
-    model = SOFA(freeze_image_encoder=True).eval()
-    counts = model.parameter_counts()
-    print(f"SOFA (lite): {counts['total']:,} parameters, {counts['trainable']:,} trained here "
-          "(image encoder frozen)", flush=True)
-
-    print(f"training slices: seeds {args.train_seeds} at {args.resolution} mm", flush=True)
-    parts = [training_slices(s, args.resolution, args.slices_per_case, args.background_ratio, model,
-                             args.cache_dir, tag) for s in args.train_seeds]
-    embeddings = torch.cat([p["embeddings"] for p in parts])
-    targets = torch.cat([p["targets"] for p in parts]).long()
-    available = torch.cat([p["available"] for p in parts])
-    lesion = targets.flatten(1).any(1)
-    print(f"  {len(targets)} slices, {int(lesion.sum())} with lesion", flush=True)
-
-    print(f"test cases: seeds {args.test_seeds}", flush=True)
-    cases = {s: lesion_slab(*case_and_labels(s, args.resolution), args.test_margin) for s in args.test_seeds}
-    for seed, (case, _) in cases.items():
-        print(f"  case {seed}: {len(case.brain_slices())} slices evaluated", flush=True)
-    cache = DiskBackedCache(args.cache_dir, tag)
-    before = None
-    if not args.skip_before:
-        print("before training (zero-initialised attention = mean fusion, LiteMedSAM decoder):", flush=True)
-        before, before_weights = evaluate(model, cases, cache, args.batch_size)
-        print("before      " + " ".join(f"{v:6.3f}" for v in mean_scores(before).values()), flush=True)
-    if args.prepare_only:
-        return
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(trainable, lr=args.lr)
+def train(model: SOFA, data: dict[str, torch.Tensor], args) -> tuple[list[float], float]:
+    """Adam with cosine decay to 0 over ``args.steps`` on the precomputed embeddings."""
+    embeddings, targets, available = data["embeddings"], data["targets"], data["available"]
+    new = [p for name, p in model.named_parameters() if name.startswith(("attention.", "region_prompts"))]
+    pretrained = [p for name, p in model.named_parameters()
+                  if p.requires_grad and not name.startswith(("attention.", "region_prompts"))]
+    optimiser = torch.optim.Adam([{"params": pretrained, "lr": args.lr}, {"params": new, "lr": args.head_lr}])
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps)))
     generator = torch.Generator().manual_seed(args.seed)
@@ -234,21 +193,109 @@ def main() -> None:
         if (step + 1) % 25 == 0:
             print(f"  step {step + 1}: loss (last 25) {statistics.fmean(losses[-25:]):.4f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-    train_time = time.perf_counter() - start
     model.eval()
+    return losses, time.perf_counter() - start
 
-    print("after training:", flush=True)
-    after, after_weights = evaluate(model, cases, cache, args.batch_size)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[20000, 20001, 20002])
+    parser.add_argument("--test-seeds", type=int, nargs="+", default=[30000, 30001])
+    parser.add_argument("--resolution", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of LiteMedSAM's decoder and prompt encoder")
+    parser.add_argument("--head-lr", type=float, default=3e-3,
+                        help="learning rate of the new parts (attention, sub-region prompts)")
+    parser.add_argument("--no-region-prompts", action="store_true",
+                        help="SOFA with region_prompts False (the paper's literal design)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--slices-per-case", type=int, default=16)
+    parser.add_argument("--background-ratio", type=float, default=0.25)
+    parser.add_argument("--test-margin", type=int, default=2,
+                        help="evaluate the test cases on their lesion's slices +- this many (-1: whole volume)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/sofa_finetune_cache"))
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="file of the trained weights: written after training; when it exists (and "
+                             "--train-only is not given) loaded instead of training")
+    parser.add_argument("--train-only", action="store_true", help="train (and write --trained), no evaluation")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="encode the training and test slices (scoring the untrained head), then stop")
+    args = parser.parse_args()
+    if set(args.train_seeds) & set(args.test_seeds):
+        parser.error("training and test seeds must be disjoint")
+    if min(args.train_seeds) < 20000:
+        parser.error("training seeds start at 20000 (smaller seeds are the demo's and the tests')")
+    torch.set_num_threads(args.threads)
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    tag = "lite"  # the packaged lite_medsam.pth encoder, frozen
+
+    config = {"freeze_image_encoder": True, "region_prompts": not args.no_region_prompts}
+    saved = None
+    if args.trained is not None and args.trained.is_file() and not args.train_only:
+        saved = torch.load(args.trained, weights_only=False)
+        config = saved["config"]
+    torch.manual_seed(args.seed)
+    model = SOFA(**config).eval()
+    print(f"config: {config}", flush=True)
+    counts = model.parameter_counts()
+    print(f"SOFA (lite): {counts['total']:,} parameters, {counts['trainable']:,} trained here "
+          "(image encoder frozen)", flush=True)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    if saved is not None:
+        model.load_state_dict(saved["state"])
+        losses, train_time, slices = saved["losses"], saved["train_time"], saved["slices"]
+        print(f"trained weights from {args.trained} ({saved['args']})", flush=True)
+    else:
+        print(f"training slices: seeds {args.train_seeds} at {args.resolution} mm", flush=True)
+        parts = [training_slices(s, args.resolution, args.slices_per_case, args.background_ratio, model,
+                                 args.cache_dir, tag) for s in args.train_seeds]
+        data = {key: torch.cat([p[key] for p in parts]) for key in ("embeddings", "targets", "available")}
+        data["targets"] = data["targets"].long()
+        slices = len(data["targets"])
+        print(f"  {slices} slices, {int(data['targets'].flatten(1).any(1).sum())} with lesion", flush=True)
+        if args.prepare_only:
+            losses, train_time = [], 0.0
+        else:
+            losses, train_time = train(model, data, args)
+            if args.trained is not None:
+                torch.save({"state": model.state_dict(), "config": config, "losses": losses, "train_time": train_time,
+                            "slices": slices, "args": " ".join(sys.argv[1:])}, args.trained)
+        del data, parts
+    if losses:
+        print(f"training: {args.steps} steps of batch {args.batch_size} on {slices} slices of "
+              f"{len(args.train_seeds)} cases, Adam lr {args.lr:g} (new parts {args.head_lr:g}) cosine, {train_time:.0f} s; loss first 25 "
+              f"steps {statistics.fmean(losses[:25]):.4f}, last 25 {statistics.fmean(losses[-25:]):.4f}", flush=True)
+    if args.train_only:
+        return
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    print(f"test cases: seeds {args.test_seeds}", flush=True)
+    cache = DiskBackedCache(args.cache_dir, tag)
+    before, after, after_weights = [], [], []
+    for seed in args.test_seeds:
+        case, seg = lesion_slab(*case_and_labels(seed, args.resolution), args.test_margin)
+        print(f" case {seed}: {len(case.brain_slices())} slices evaluated", flush=True)
+        model.load_state_dict(initial)
+        print("  before training (zero-initialised attention = mean fusion, LiteMedSAM's decoder):", flush=True)
+        scores, _ = evaluate(model, {seed: (case, seg)}, cache, args.batch_size)
+        before += scores
+        if args.prepare_only:
+            continue
+        model.load_state_dict(trained)
+        print("  after training:", flush=True)
+        scores, weights = evaluate(model, {seed: (case, seg)}, cache, args.batch_size)
+        after += scores
+        after_weights += weights
+    if args.prepare_only:
+        return
 
     print()
-    print(f"SOFA fine-tune: {len(args.train_seeds)} training cases ({len(targets)} slices), {args.steps} steps "
-          f"of batch {args.batch_size}, Adam lr {args.lr:g} cosine, {train_time:.0f} s; "
-          f"test seeds {args.test_seeds} at {args.resolution} mm")
-    print(f"loss: first 25 steps {statistics.fmean(losses[:25]):.4f}, last 25 {statistics.fmean(losses[-25:]):.4f}")
-    header = "            " + " ".join(f"{s:>6}" for s in STRUCTURES)
-    print(header)
-    if before is not None:
-        print("before      " + " ".join(f"{v:6.3f}" for v in mean_scores(before).values()))
+    print(f"SOFA fine-tune, test seeds {args.test_seeds} at {args.resolution} mm (lesion slab +- {args.test_margin}):")
+    print("            " + " ".join(f"{s:>6}" for s in STRUCTURES))
+    print("before      " + " ".join(f"{v:6.3f}" for v in mean_scores(before).values()))
     print("after       " + " ".join(f"{v:6.3f}" for v in mean_scores(after).values()))
     print("mean Dice over the test cases (WT/TC/ET regions; NCR/ED labels; ET is both)")
     print("attention weights after training (per test case, sub-region: modality weights):")

@@ -45,6 +45,19 @@ What is decided here where the paper is vague (all switchable in ``default_confi
   pixels) replaces the automatic whole-slice box: it is the whole-tumour box. The same decoder and
   the same f_r serve both passes; pass 1 adds no parameters. (The whole-slice box does not depend on
   the image, so the pass-1 prompt is known from the embeddings alone and the embeddings are cacheable.)
+- **Sub-region prompts** (``region_prompts``, our addition, on by default; ``False`` is the paper's
+  literal design). One decoder decodes all three sub-regions from the same pass-1 prompt, and the
+  only thing that tells it which sub-region it is asked for is f_r. But the attention starts at
+  equal weights and leaves them slowly - LiteMedSAM's embeddings are small (std ~0.09), so W_r
+  must grow large before alpha moves - and while the weights are nearly equal, f_r is nearly the
+  same for every r, so a decoder trained one-vs-all can only learn the average sub-region
+  (probability ~1/3 inside the tumour: below the threshold, so nothing is labelled).
+  ``benchmarks/finetune_sofa.py`` measures this (module-docstring figures there). Each sub-region
+  therefore has a learnt 256-d dense prompt embedding t_r, added to f_r exactly where SAM's mask
+  decoder adds its dense (mask) prompt embedding (``src = image embedding + dense prompt``), zero at
+  the start (an untrained SOFA is still LiteMedSAM on the mean fusion); 768 parameters. It is a
+  "sub-region-specific prompt" in the paper's words, the class prompt of SurgicalSAM, which the
+  paper cites ([15]); the boxes of eq. 4-6 are still the prompts that refine.
 - **Pass 2**: P_r = the bounding box of pass 1's sub-region r (logit > 0, i.e. probability > 0.5),
   (x0, y0, x1, y1) in network pixels with exclusive end (SAM's convention, the engine's boxes), not
   clipped to a user box (the engine labels nothing outside the user's box anyway). **A sub-region
@@ -94,10 +107,12 @@ What is decided here where the paper is vague (all switchable in ``default_confi
 Cost: 6 mask-decoder runs per slice (3 sub-regions x 2 passes) against 4 TinyViT encodes; the encodes
 dominate on the CPU (``benchmarks/bench_sofa.py``).
 
-Parameter counts (default config, backbone 'lite'): total 9,792,071 = LiteMedSAM 9,791,300
+Parameter counts (default config, backbone 'lite'): total 9,792,839 = LiteMedSAM 9,791,300
 (TinyViT encoder 5,726,740, prompt encoder 6,220, mask decoder 4,058,340) + attention 3 x (256 + 1)
-= 771; all trainable (with ``freeze_image_encoder``: 4,065,331). Backbone 'vit_b' (256 input):
-90,737,971 (SAM ViT-B 90,737,200 + 771).
+= 771 + sub-region prompts 3 x 256 = 768; all trainable (with ``freeze_image_encoder``: 4,066,099).
+``region_prompts: False``: 9,792,071. Backbone 'vit_b' (256 input): 90,738,739 (SAM ViT-B
+90,737,200 + 1,539). (TinyViT's constructor reads tensor values, so ``brainlesionsam info`` counts
+the 'lite' backbone with a real build instead of on the meta device.)
 """
 from __future__ import annotations
 
@@ -265,6 +280,7 @@ class SOFA(SegmentationMethod):
         "image_size": 256,               # encoder input (lite: 256 only); slices resized inside
         "attention_pooling": "none",     # 'none': a weight per pixel (eq. 1 literally); 'mean': per slice
         "attention_zero_init": True,     # W_r = 0 at the start: mean fusion, unchanged LiteMedSAM
+        "region_prompts": True,          # a learnt dense prompt per sub-region (ours; False: the paper's literal design)
         "first_pass_prompt": "slice_box",  # pass-1 prompt without a user box: 'slice_box' | 'none'
         "refine": True,                  # pass 2 (adaptive prompting); False: output = pass 1
         "freeze_image_encoder": False,   # paper: everything fine-tuned
@@ -289,7 +305,7 @@ class SOFA(SegmentationMethod):
         if c["first_pass_prompt"] not in FIRST_PASS_PROMPTS:
             raise ValueError(f"sofa: first_pass_prompt must be one of {FIRST_PASS_PROMPTS}, "
                              f"not {c['first_pass_prompt']!r}")
-        for key in ("refine", "freeze_image_encoder", "attention_zero_init", "iou_batch"):
+        for key in ("refine", "region_prompts", "freeze_image_encoder", "attention_zero_init", "iou_batch"):
             if not isinstance(c[key], bool):
                 raise ValueError(f"sofa: {key} must be true or false, not {c[key]!r}")
         for key in ("lambda_ce", "lambda_iou"):
@@ -304,6 +320,9 @@ class SOFA(SegmentationMethod):
         self.backbone = build_backbone(c["backbone"], c["image_size"], c["backbone_weights"], method="sofa")
         self.attention = SubRegionModalityAttention(self.backbone.mask_decoder.transformer_dim, len(REGIONS),
                                                     c["attention_pooling"], c["attention_zero_init"])
+        # One learnt dense prompt embedding per sub-region (see the module docstring), zero at the start.
+        self.region_prompts = (nn.Parameter(torch.zeros(len(REGIONS), self.attention.score.in_features))
+                               if c["region_prompts"] else None)
         if c["freeze_image_encoder"]:
             self.backbone.image_encoder.requires_grad_(False)
         self._loss_function = None
@@ -372,6 +391,13 @@ class SOFA(SegmentationMethod):
                                    align_corners=False)
         return logits[:, 0]
 
+    def _with_region_prompts(self, fused: torch.Tensor) -> torch.Tensor:
+        """f_r + t_r: each sub-region's learnt dense prompt embedding added to its fused features [B, R, C, E, E]
+        (where SAM's decoder adds its dense prompt); unchanged without ``region_prompts``."""
+        if self.region_prompts is None:
+            return fused
+        return fused + self.region_prompts[None, :, :, None, None].to(fused.dtype)
+
     def _automatic_boxes(self, batch: int, device: torch.device) -> torch.Tensor | None:
         if self.config["first_pass_prompt"] == "none":
             return None
@@ -385,7 +411,7 @@ class SOFA(SegmentationMethod):
         batch, regions = embeddings.shape[0], len(REGIONS)
         boxes = self._check_boxes(boxes, batch)
         fused, alpha = self.attention(embeddings, available)              # [B, R, C, E, E]
-        flat = fused.flatten(0, 1)
+        flat = self._with_region_prompts(fused).flatten(0, 1)
         first_boxes = boxes if boxes is not None else self._automatic_boxes(batch, embeddings.device)
         prompt = None if first_boxes is None else first_boxes.to(embeddings.device).repeat_interleave(regions, 0)
         first = self._decode(flat, prompt).unflatten(0, (batch, regions))
@@ -506,6 +532,7 @@ class SOFA(SegmentationMethod):
         regions = regions.to(target.device)
         region_target = target == (regions[:, None, None] + 1)
         fused, _ = self.attention(embeddings, available)
+        fused = self._with_region_prompts(fused)
         chosen = fused[torch.arange(batch, device=fused.device), regions.to(fused.device)]  # [B, C, E, E]
 
         automatic = self._automatic_boxes(batch, fused.device)

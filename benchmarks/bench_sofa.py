@@ -51,7 +51,8 @@ def main() -> None:
     model = SOFA().eval()
     parts = {"image encoder": model.backbone.image_encoder, "prompt encoder": model.backbone.prompt_encoder,
              "mask decoder": model.backbone.mask_decoder, "sub-region attention": model.attention}
-    print("  " + ", ".join(f"{name} {sum(p.numel() for p in part.parameters()):,}" for name, part in parts.items()))
+    print("  " + ", ".join(f"{name} {sum(p.numel() for p in part.parameters()):,}" for name, part in parts.items())
+          + f", sub-region prompts {model.region_prompts.numel():,}")
 
     images = generate_case(SampleParameters.random(args.seed, resolution=args.resolution))
     seg = sitk.GetArrayFromImage(images.pop("seg"))
@@ -92,15 +93,16 @@ def main() -> None:
     print(f"{slices} slices: {first:.1f} s ({per_slice:.2f} s per slice = {1 / per_slice:.3f} slices/s): "
           f"encoder {encode_time[0] / slices:.2f} s, attention + 2 passes + rest "
           f"{(first - encode_time[0]) / slices:.2f} s per slice; cached re-run {cached / slices:.2f} s per slice")
-    print(f"  CPU time of this process: {first_cpu / slices:.2f} s per slice (wall / CPU = {first / first_cpu:.2f}: "
-          "above 1 / threads the machine was shared)")
+    print(f"  CPU time of this process: {first_cpu / slices:.2f} s per slice (wall / CPU = {first / first_cpu:.2f}; "
+          f"above 1 / {args.threads} the machine was shared)")
     if args.full:
         print(f"time per case (measured): {preprocessing + first:.0f} s")
     else:
+        single = (f"; from this process's CPU time per slice (one thread: what an unshared core takes) "
+                  f"{preprocessing + brain_slices * first_cpu / slices:.0f} s") if args.threads == 1 else ""
         print(f"time per case (extrapolated from {slices} slices): {preprocessing:.1f} s + {brain_slices} x "
-              f"{per_slice:.2f} s = {preprocessing + brain_slices * per_slice:.0f} s wall; with this process's CPU "
-              f"time per slice {preprocessing + brain_slices * first_cpu / slices:.0f} s; a new box on a cached "
-              f"case ~{brain_slices * cached / slices:.0f} s for all slices (a box spans fewer)")
+              f"{per_slice:.2f} s = {preprocessing + brain_slices * per_slice:.0f} s wall{single}; a new box on a "
+              f"cached case ~{brain_slices * cached / slices:.0f} s for all slices (a box spans fewer)")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,20 @@ What it does:
    same inputs.
 
 Prints the figures; nothing is asserted (the numbers depend on the seeds and the step count).
+
+Figures (2026-11-22, defaults: six training cases 20000-20005, 120 slices of which 96 with lesion,
+300 steps of batch 2, ~6 min on 1 thread; test cases 30000 and 30001, 47 and 39 slices), mean Dice:
+
+    region_prompts        WT     TC     ET    NCR     ED
+    before (untrained)  0.254  0.134  0.000  0.055  0.000
+    after, True         0.716  0.747  0.553  0.662  0.450
+    after, False        0.642  0.630  0.368  0.484  0.255   (--no-region-prompts: the paper's design)
+
+The untrained head labels everything it finds NCR (equal weights and no sub-region prompt: three
+identical sub-region masks; ties go to the first), hence ET = ED = 0 before training. With three
+training cases (20000-20002) the same run gives WT 0.613 (region prompts) and 0.434 (without); with
+three training cases and one learning rate of 1e-4 for everything (an earlier version without
+region prompts) the attention weights stayed at 0.25 +- 0.003 and case 30000's WT fell to 0.065.
 """
 from __future__ import annotations
 
@@ -199,7 +213,7 @@ def train(model: SOFA, data: dict[str, torch.Tensor], args) -> tuple[list[float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train-seeds", type=int, nargs="+", default=[20000, 20001, 20002])
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=list(range(20000, 20006)))
     parser.add_argument("--test-seeds", type=int, nargs="+", default=[30000, 30001])
     parser.add_argument("--resolution", type=int, default=2, choices=(1, 2))
     parser.add_argument("--steps", type=int, default=300)

@@ -69,6 +69,9 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
     summary = {"case": case_id, "output": str(out), "method": method.facts.name,
                "device": segmentation.result.device,
                **{k: round(v, 3) for k, v in segmentation.timings.items()}}
+    if segmentation.result.case_weights:
+        # Which modality (or expert) each sub-region relied on: SOFA's attention, MoME's gate.
+        summary["modality_weights"] = segmentation.result.case_weights
     if report_dir is not None:
         from .report import lesion_volumes, write_report
 
@@ -100,6 +103,9 @@ def command_segment(args) -> int:
     method.facts.check_modalities(list(inputs))
     case_id = args.case_dir.name if args.case_dir else out.name.split(".")[0]
     summary = _segment_one(inputs, method, args, out, args.report, case_id)
+    for region, weights in summary.get("modality_weights", {}).items():
+        print(f"{region} relied on: " + ", ".join(f"{MODALITY_DISPLAY_NAMES.get(m, m)} {w:.2f}"
+                                                  for m, w in sorted(weights.items(), key=lambda kv: -kv[1])))
     print(f"wrote {out}")
     if "report" in summary:
         for path in summary["report"].values():

@@ -173,6 +173,7 @@ def test_segment_case_dir_writes_labels_on_the_reference_grid_and_a_report(full_
     expected = {name: n * VOXEL_ML for name, n in expected.items()}
     payload = json.loads(json_path.read_text())
     assert payload["case"] == case_id and payload["method"] == "unet2d"
+    assert "modality_weights" not in payload  # the baseline weighs nothing per case
     assert set(payload["volumes_ml"]) == set(expected)
     for name, volume in expected.items():
         assert payload["volumes_ml"][name] == pytest.approx(volume, abs=1e-5), name
@@ -180,6 +181,24 @@ def test_segment_case_dir_writes_labels_on_the_reference_grid_and_a_report(full_
         rows = list(csv.DictReader(handle))
     assert {row["name"]: float(row["volume_ml"]) for row in rows} == pytest.approx(expected, abs=1e-5)
     assert leftovers(full_run["out_dir"]) == []
+
+
+def test_segment_report_shows_which_modality_each_sub_region_relied_on(capsys, monkeypatch, case_dir, weights,
+                                                                      tmp_path):
+    """A method's per-case modality weights (SOFA's attention, MoME's gate) reach the JSON report and
+    the terminal, largest first."""
+    from BrainLesionSAMLib.methods.unet2d import UNet2DBaseline
+
+    relied_on = {"edema": {"t1": 0.1, "t1ce": 0.2, "t2": 0.3, "flair": 0.4},
+                 "enhancing tumour": {"t1": 0.05, "t1ce": 0.8, "t2": 0.05, "flair": 0.1}}
+    monkeypatch.setattr(UNet2DBaseline, "case_weights", lambda self: relied_on)
+    out, report = tmp_path / "labels.nii.gz", tmp_path / "report"
+    code, stdout, stderr = run_cli(capsys, segment_args(weights, out, "--case-dir", case_dir, "--report", report))
+    assert code == 0, stderr
+    payload = json.loads((report / f"{case_dir.name}_volumes.json").read_text())
+    assert payload["modality_weights"] == relied_on
+    assert "edema relied on: FLAIR 0.40, T2 0.30, T1CE 0.20, T1 0.10" in stdout
+    assert "enhancing tumour relied on: T1CE 0.80, FLAIR 0.10" in stdout
 
 
 def test_segment_explicit_files_follow_the_t1ce_grid_and_brats2023_numbering(capsys, case_dir, weights, tmp_path):

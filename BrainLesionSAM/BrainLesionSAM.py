@@ -212,7 +212,7 @@ class BrainLesionSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.cacheFolder = path or None
 
     def onBatchSizeChanged(self, value):
-        self.logic.batchSize = int(value)
+        self.logic.batchSize = int(value) or None  # 0 is shown as "auto": 8 on a GPU, 1 on the CPU
 
     def onClearCaches(self):
         with slicer.util.tryWithErrorDisplay("Cannot unload the model.", waitCursor=True):

@@ -306,7 +306,8 @@ def _add_inference_options(parser: argparse.ArgumentParser, default_method: str 
     parser.add_argument("--weights", type=Path, help="weights file: our .safetensors, or a third-party .pth the "
                         "method reads (e.g. medsam_vit_b.pth for medsam); default: packaged weights")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="slices (or patches) per forward pass")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="slices (or patches) per forward pass (default 8 on a GPU, 1 on the CPU)")
     parser.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"),
                         help="output numbering: ET = 4 (BraTS 2021) or 3 (BraTS 2023)")
 

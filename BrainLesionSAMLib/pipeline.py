@@ -45,7 +45,7 @@ def case_inputs(case_dir: str | os.PathLike | None = None,
 def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
                    method: SegmentationMethod, device: str = "auto", box: Box | None = None,
                    progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
-                   batch_size: int = 8, return_probabilities: bool = False) -> CaseSegmentation:
+                   batch_size: int | None = None, return_probabilities: bool = False) -> CaseSegmentation:
     """Check modalities against the method, preprocess, run the engine; nothing is written."""
     method.facts.check_modalities([m for m in MODALITIES if images.get(m) is not None])
     progress = progress or (lambda fraction, message: None)

@@ -5,7 +5,7 @@ import SimpleITK as sitk
 import torch
 from monai.networks.nets import UNet
 
-from BrainLesionSAMLib.engine import Box, InferenceEngine, resolve_device
+from BrainLesionSAMLib.engine import Box, InferenceEngine, default_batch_size, resolve_device
 from BrainLesionSAMLib.errors import BrainLesionSAMError, CancelledError, GeometryError, MissingModalityError
 from BrainLesionSAMLib.methods import MethodFacts, SegmentationMethod, build_method
 from BrainLesionSAMLib.preprocessing import prepare_case
@@ -59,6 +59,15 @@ def test_engine_is_deterministic_and_batch_size_independent(model, oblique_case)
     first = sitk.GetArrayFromImage(InferenceEngine(model, "cpu", batch_size=3).segment(case).labels)
     second = sitk.GetArrayFromImage(InferenceEngine(model, "cpu", batch_size=8).segment(case).labels)
     np.testing.assert_array_equal(first, second)
+
+
+def test_default_batch_size_is_one_slice_on_the_cpu_and_eight_on_a_gpu(model):
+    # On the CPU batching only costs time (docs/benchmarks.md); on a GPU it fills the device.
+    assert InferenceEngine(model, "cpu").batch_size == 1
+    assert InferenceEngine(model, "cpu", batch_size=5).batch_size == 5
+    assert default_batch_size(torch.device("cuda")) == 8
+    with pytest.raises(BrainLesionSAMError, match="at least 1"):
+        InferenceEngine(model, "cpu", batch_size=0)
 
 
 def test_probabilities_sum_to_one_and_agree_with_labels(model, oblique_case):

@@ -210,7 +210,7 @@ class SegmentationLogic:
     catalogue: a ``BrainLesionSAMLib.catalogue.Catalogue`` (None: the extension's Resources/Models.json).
     """
 
-    def __init__(self, scene, cacheFolder: str | os.PathLike | None = None, catalogue=None, batchSize: int = 8):
+    def __init__(self, scene, cacheFolder: str | os.PathLike | None = None, catalogue=None, batchSize: int | None = None):
         self.scene = scene
         self.cacheFolder = cacheFolder
         self.batchSize = batchSize

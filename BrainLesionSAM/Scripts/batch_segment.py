@@ -39,7 +39,8 @@ def parseArguments(argv):
     parser.add_argument("--method", required=True, help="registered method name (see `brainlesionsam info`)")
     parser.add_argument("--weights", help="catalogue model id or weights file (default: the method's first catalogue model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="slices (or patches) per forward pass (default 8 on a GPU, 1 on the CPU)")
     parser.add_argument("--nifti", action="store_true", help="also write <case>.nii.gz label maps")
     parser.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"),
                         help="numbering of the NIfTI label maps (ET = 4 or 3)")

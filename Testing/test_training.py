@@ -367,6 +367,16 @@ def test_smoke_config_trains(method, cases, tmp_path):
     assert tensors_sha256(model.state_dict()) == summary["rank_weight_sha256"][0]
 
 
+@pytest.mark.parametrize("method", sorted(m for m in smoke_configs() if m in method_names()))
+def test_init_auto_builds_every_method_with_its_config(method, tmp_path):
+    """"init": "auto" hands the method config to pretrained(); a method without third-party weights
+    for the whole network answers None and is built from the same config."""
+    config = load_config(smoke_configs()[method], ['init="auto"', f'output.dir="{tmp_path / "run"}"'])
+    model = Trainer(config, log=lambda message: None)._build_method(get_method_class(method))
+    assert model.facts.name == method
+    assert all(json.loads(json.dumps(model.config[key])) == value for key, value in config["method_config"].items())
+
+
 def _run(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True,

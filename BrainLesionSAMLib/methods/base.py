@@ -140,10 +140,11 @@ class SegmentationMethod(nn.Module, abc.ABC):
         raise TypeError(f"method '{self.facts.name}' does not cache image embeddings")
 
     @classmethod
-    def pretrained(cls, weights: "str | os.PathLike | None" = None) -> "SegmentationMethod | None":
-        """An instance initialised from third-party pretrained weights: ``weights`` (a ``.pth`` in
-        the third party's layout, e.g. a user's ``medsam_vit_b.pth``) or, when None, the copy a
-        dependency ships (LiteMedSAM's). None when the method reads no third-party weights."""
+    def pretrained(cls, weights: "str | os.PathLike | None" = None, **config: Any) -> "SegmentationMethod | None":
+        """An instance with ``config`` initialised from third-party pretrained weights: ``weights`` (a
+        ``.pth`` in the third party's layout, e.g. a user's ``medsam_vit_b.pth``) or, when None, the
+        copy a dependency ships (LiteMedSAM's). None when the method reads no third-party weights as a
+        whole (the trainer then builds ``cls(**config)``, whose backbone may still load them)."""
         return None
 
     # Interpretability: methods that weigh modalities or experts per case (SOFA's sub-region attention,

@@ -10,7 +10,6 @@ nothing outside it is labelled - and is the prompt of promptable methods on each
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,7 +18,6 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .allocator import reuse_freed_memory
 from .errors import BoxRequiredError, BrainLesionSAMError, CancelledError, GeometryError
 from .methods import SegmentationMethod
 from .preprocessing import PreparedCase
@@ -176,11 +174,8 @@ class InferenceEngine:
         box = box.clipped_to(case.shape_zyx) if box is not None else None
         start = time.perf_counter()
         self.method.start_case()
-        # On the CPU, large freed activations are kept for the next layer instead of being faulted in
-        # again page by page (allocator.py: ~30 % of a TinyViT encode's time).
-        memory = reuse_freed_memory() if self.device.type == "cpu" else contextlib.nullcontext()
         try:
-            with memory, torch.inference_mode():
+            with torch.inference_mode():
                 if facts.spatial_dims == 2:
                     probabilities = self._segment_slices(case, box, progress, cancel)
                 else:

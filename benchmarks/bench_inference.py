@@ -41,7 +41,7 @@ marked ``~``. ``--full`` runs whole cases (the default on CUDA).
 GPU (CUDA): autocast as the engine does it (bfloat16 where supported, else float16), a batch-size
 sweep (``--batch-sizes``, default 1 2 4 8 16 32; stops at the first out-of-memory and reports it),
 ``torch.cuda.synchronize`` around every timing, peak GPU memory per batch size. The table and the
-targets use the engine's default batch size (8), the 2 s target the fastest batch size. CPU: batch
+targets use the engine's default batch size (8 on CUDA, ``engine.default_batch_size``), the 2 s target the fastest batch size. CPU: batch
 sizes 1 and 8 (batching is slower per slice for some encoders on the CPU); the table and the targets
 use the faster.
 
@@ -72,14 +72,13 @@ import torch
 
 from BrainLesionSAMLib.backbones.base import BACKBONES
 from BrainLesionSAMLib.checkpoints import load_method
-from BrainLesionSAMLib.engine import Box, EmbeddingCache, InferenceEngine, resolve_device
+from BrainLesionSAMLib.engine import Box, EmbeddingCache, InferenceEngine, default_batch_size, resolve_device
 from BrainLesionSAMLib.errors import BrainLesionSAMError, WeightsError
 from BrainLesionSAMLib.io import discover_case
 from BrainLesionSAMLib.methods import SegmentationMethod, build_method, get_method_class, method_names
 from BrainLesionSAMLib.preprocessing import PreparedCase, prepare_case
 from BrainLesionSAMLib.sample import SampleParameters, generate_case, write_case
 
-DEFAULT_BATCH_SIZE = 8  # the engine's default
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 # On the CPU batching can be slower per slice (TinyViT is, measured): the engine default and batch 1.
 CPU_BATCH_SIZES = (1, 8)
@@ -376,7 +375,7 @@ def batch_sweep(method: SegmentationMethod, run: PreparedCase, box: Box | None, 
             if batch_size >= units:
                 covering = runs[-1]
         print(f"  batch {batch_size}: {runs[-1]}", file=sys.stderr, flush=True)
-    default_engine = engines.get(DEFAULT_BATCH_SIZE)
+    default_engine = engines.get(default_batch_size(device))
     return runs, default_engine
 
 
@@ -433,8 +432,8 @@ def measure_variant(variant: Variant, case_dir: Path, args: argparse.Namespace) 
         warm_engine.segment(patch_crop(case, facts.input_size, 1, args.overlap)[0])
 
     batch_sizes = args.batch_sizes or list(GPU_BATCH_SIZES if device.type == "cuda" else CPU_BATCH_SIZES)
-    if DEFAULT_BATCH_SIZE not in batch_sizes:
-        batch_sizes = sorted(set(batch_sizes) | {DEFAULT_BATCH_SIZE})
+    if default_batch_size(device) not in batch_sizes:
+        batch_sizes = sorted(set(batch_sizes) | {default_batch_size(device)})
     runs, default_engine = batch_sweep(method, run, run_box, device, batch_sizes, units["engine_run"],
                                        facts.cacheable_embeddings, args.repeat_budget)
 
@@ -500,7 +499,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     """Per-case figures at the table's batch size, the default and the fastest; speed-up; target marks.
 
     The table's batch size: on CUDA the engine's default (8: the default settings the memory target
-    is about); on the CPU the fastest measured (8 unless a smaller one is faster)."""
+    is about); on the CPU the fastest measured."""
     if "error" in result:
         return result
     measured = [r for r in result["runs"] if not r.get("oom")]
@@ -508,7 +507,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         return {**result, "error": "out of GPU memory at every batch size"}
     fastest = min(measured, key=lambda r: r["network_s"])
     # the default batch size may have run out of GPU memory: then the largest that fitted stands in
-    default = next((r for r in measured if r["batch_size"] == DEFAULT_BATCH_SIZE), None)
+    engine_default = default_batch_size(torch.device(result["device"]))
+    default = next((r for r in measured if r["batch_size"] == engine_default), None)
     summary = {"default_batch": per_case(result, default or measured[-1]), "default_oom": default is None,
                "fastest_batch": fastest["batch_size"], "fastest": per_case(result, fastest),
                "peak_gpu_gb": (default or measured[-1]).get("peak_gpu_gb"),
@@ -674,7 +674,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="run whole cases (no extrapolation)")
     parser.add_argument("--batch-sizes", type=int, nargs="+",
                         help=f"engine batch sizes (default {' '.join(map(str, CPU_BATCH_SIZES))} on the CPU, "
-                             f"{' '.join(map(str, GPU_BATCH_SIZES))} on CUDA; {DEFAULT_BATCH_SIZE} is always run)")
+                             f"{' '.join(map(str, GPU_BATCH_SIZES))} on CUDA; the engine's default for the device is always run)")
     parser.add_argument("--overlap", type=float, default=0.5, help="3D sliding-window overlap (engine default)")
     parser.add_argument("--seed", type=int, default=7, help="sample case seed")
     parser.add_argument("--repeat-budget", type=float, default=10.0,

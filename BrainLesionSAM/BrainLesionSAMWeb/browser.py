@@ -135,20 +135,17 @@ class Page:
 
     def segment(self) -> float:
         """Click Segment and wait for the result; returns the seconds from the click."""
-        before = self.text("#blsam-message")
-        start = time.perf_counter()
-        self.page.locator("#blsam-segment").click()
-        self.page.wait_for_function(
-            "(before) => { const p = document.querySelector('#blsam-panel'); "
-            "const m = document.querySelector('#blsam-message'), e = document.querySelector('#blsam-error'); "
-            "return p.dataset.phase === 'idle' && (e !== null || (m !== null && m.textContent !== before)); }",
-            arg=before, timeout=self.timeout_ms)
-        return time.perf_counter() - start
+        return self._run_job("#blsam-segment")
 
     def refine(self) -> float:
+        """Click Refine and wait for the result; returns the seconds from the click."""
+        return self._run_job("#blsam-refine")
+
+    def _run_job(self, button: str) -> float:
+        """Click a job's button and wait until the panel is idle with a new message or an error."""
         before = self.text("#blsam-message")
         start = time.perf_counter()
-        self.page.locator("#blsam-refine").click()
+        self.page.locator(button).click()
         self.page.wait_for_function(
             "(before) => { const p = document.querySelector('#blsam-panel'); "
             "const m = document.querySelector('#blsam-message'), e = document.querySelector('#blsam-error'); "

@@ -68,7 +68,7 @@ def test_packaged_baseline_weights_load():
     assert path.is_file(), "run scripts/train_sample_weights.py to create the packaged weights"
     model = load_method("unet2d")
     assert not model.training
-    assert "sample cases" in read_header(path)["training_data"]
+    assert "generated cases" in read_header(path)["training_data"]  # phantoms, not patients
 
 
 def test_checkpoint_loads_where_the_initial_sam_file_is_absent(tmp_path):

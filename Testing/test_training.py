@@ -27,6 +27,7 @@ from Training.config import (TrainingConfigError, available_configs, load_config
 from Training.datasets import (DatasetError, check_splits, find_cases, make_splits, read_splits, select_fold,
                                write_splits)
 from Training.sampling import BalancedDistributedSampler, TrainingSamples, box_from_mask, crop_patch
+from Training.export import export_run
 from Training.trainer import KILL_AT_STEP_ENV, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -487,3 +488,8 @@ def test_prepare_only_and_export(cases, tmp_path, capsys):
     last = tmp_path / "last.safetensors"
     assert train_cli.main(["--export", str(out), "--out", str(last), "--which", "last"]) == 0
     assert tensors_sha256(load_method("unet2d", last).state_dict()) == tensors_sha256(_final_state(out))
+    # A release file describes its data in words of its own, not by the training machine's folder.
+    described = tmp_path / "described.safetensors"
+    entry = export_run(out, described, which="final", training_data="16 generated cases at 1 mm")
+    assert load_checkpoint(described)[1]["training_data"] == "16 generated cases at 1 mm"
+    assert entry["description"].startswith("16 generated cases at 1 mm") and str(root) not in entry["description"]

@@ -52,12 +52,14 @@ def estimated_gpu_memory_gb(path: Path) -> float:
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
                model_id: str | None = None, url: str = "", licence: str = "", version: str = "1",
-               gpu_memory_gb: float | None = None, title: str | None = None) -> dict[str, Any]:
+               gpu_memory_gb: float | None = None, title: str | None = None,
+               training_data: str | None = None) -> dict[str, Any]:
     """Write ``out`` (release checkpoint) from a run's ``best`` / ``final`` weights or its ``last``
     training checkpoint, and ``<out>.catalogue.json``; returns the catalogue entry, checked by
     ``BrainLesionSAMLib.catalogue.ModelEntry.from_dict`` (the catalogue's own validation).
 
-    ``best`` falls back to ``final`` when the run never validated.
+    ``best`` falls back to ``final`` when the run never validated. ``training_data`` replaces the
+    run's own description of its data (which names the data folder on the training machine).
     """
     from BrainLesionSAMLib.catalogue import ModelEntry
 
@@ -83,6 +85,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
             raise ExportError(f"{run_dir} has no training checkpoint to export")
         state, method_config, steps = saved["model"], json.loads(saved["config"])["method_config"], saved["step"]
         training = f"{config['data']['root']}: config {config['name']}, {steps} steps (training checkpoint)"
+    training = training_data or training
     model = build_method(name, {**method_config, **{key: None for key in cls.initialisation_keys}})
     try:
         model.load_state_dict(state, strict=True)

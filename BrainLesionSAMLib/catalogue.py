@@ -1,8 +1,9 @@
 """The model catalogue: which weights exist for which method, where each file comes from, and how it
 gets onto this machine - verified by sha256 before anything uses it.
 
-The catalogue is a versioned JSON file (``Models.json``; the Slicer extension ships it as
-``BrainLesionSAM/Resources/Models.json``). Each entry names a method, the file's name, sha256 and
+The catalogue is a versioned JSON file, ``Models.json``, the library's package data (beside this
+module, so a wheel or a Slicer extension install carries it; every front end reads this copy).
+Each entry names a method, the file's name, sha256 and
 size, the modalities and labels the weights were made for, the GPU memory they need and their
 licence, and exactly one way to obtain the file:
 
@@ -230,30 +231,25 @@ class Catalogue:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise WeightsError(f"model catalogue {path} does not exist; reinstall the extension or give "
+            raise WeightsError(f"model catalogue {path} does not exist; reinstall BrainLesionSAM or give "
                                "the path of a Models.json") from None
         except (OSError, ValueError) as error:
             raise WeightsError(f"model catalogue {path} cannot be read as JSON ({error}); "
-                               "reinstall the extension or fix the file") from None
+                               "reinstall BrainLesionSAM or fix the file") from None
         catalogue = cls.from_dict(data, str(path))
         return cls(catalogue.version, catalogue.entries, path)
 
 
 def default_catalogue_path() -> Path:
-    """``$BRAINLESIONSAM_CATALOGUE``, else the extension's ``Resources/Models.json`` found beside the
-    library: in an installed extension the library and the module's ``Resources`` share the
-    scripted-modules folder; in the source tree the module folder ``BrainLesionSAM`` is beside it."""
+    """``$BRAINLESIONSAM_CATALOGUE``, else the library's own ``Models.json`` (package data)."""
     explicit = os.environ.get(CATALOGUE_ENVIRONMENT_VARIABLE)
     if explicit:
         return Path(explicit).expanduser()
-    root = Path(__file__).resolve().parent.parent
-    candidates = [root / "Resources" / CATALOGUE_FILE_NAME,
-                  root / "BrainLesionSAM" / "Resources" / CATALOGUE_FILE_NAME]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise WeightsError(f"no model catalogue found (looked for {', '.join(str(c) for c in candidates)}); "
-                       f"set {CATALOGUE_ENVIRONMENT_VARIABLE} to the path of a Models.json")
+    packaged = Path(__file__).resolve().parent / CATALOGUE_FILE_NAME
+    if not packaged.is_file():
+        raise WeightsError(f"the model catalogue {packaged} is missing from the installed library; reinstall "
+                           f"BrainLesionSAM, or set {CATALOGUE_ENVIRONMENT_VARIABLE} to the path of a Models.json")
+    return packaged
 
 
 def load_catalogue(path: str | os.PathLike | None = None) -> Catalogue:

@@ -1,8 +1,10 @@
 """The ``brainlesionsam`` command line.
 
 Every subcommand prints a clear message and exits with status 1 on a user error (a
-BrainLesionSAMError), 2 on bad arguments (argparse), 130 when interrupted. Progress goes to
-stderr through tqdm; results (paths, figures) to stdout.
+BrainLesionSAMError, or a file that cannot be read or written), 2 on bad arguments (argparse), 130
+when interrupted. Progress goes to stderr (``progress.ConsoleProgress``: a bar on a terminal, a line
+per stage or per 10 % in a log), warnings about the input too (one ``warning: ...`` line each);
+results (paths, figures) go to stdout.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -20,39 +23,26 @@ import SimpleITK as sitk
 from . import __version__
 from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from .engine import Box, resolve_device
-from .errors import BrainLesionSAMError, OutputPathError
-from .io import atomic_output, check_writable, discover_case, write_image
+from .errors import BrainLesionSAMError, InputWarning, OutputPathError
+from .io import atomic_output, check_output_folder, check_writable, discover_case, make_output_folder, write_image
+from .methods import DEFAULT_METHOD
+from .progress import ConsoleProgress
 
 DEMO_MARKER = ".brainlesionsam-demo"
 
 
-class TqdmProgress:
-    """Adapter from the engine's (fraction, message) callback to a tqdm bar on stderr."""
-
-    def __init__(self, description: str, disable: bool = False):
-        from tqdm import tqdm
-        self.bar = tqdm(total=100, desc=description, unit="%", leave=False, disable=disable,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
-
-    def __call__(self, fraction: float, message: str) -> None:
-        self.bar.n = int(round(100 * fraction))
-        self.bar.set_postfix_str(message, refresh=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _output_path(path: Path, overwrite: bool) -> Path:
+    check_writable(path)  # a folder given as the file, a missing or read-only folder: said first
     if path.exists() and not overwrite:
         raise OutputPathError(f"{path} already exists; choose another --out or add --overwrite")
-    return check_writable(path)
+    return path
 
 
 def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None, case_id: str,
                  quiet: bool = False) -> dict:
     from .pipeline import segment_images, write_labels
 
-    progress = TqdmProgress(case_id, disable=quiet)
+    progress = ConsoleProgress(case_id, disable=quiet)
     try:
         box = Box.parse(args.box) if getattr(args, "box", None) else None
         probabilities_path = getattr(args, "probabilities", None)
@@ -63,7 +53,12 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
                                       return_probabilities=probabilities_path is not None)
     finally:
         progress.close()
-    write_labels(segmentation.result, out, args.label_convention)
+    if getattr(args, "output_format", None) == "dicom-seg":  # on the reference DICOM series, referencing it
+        from .dicom_seg import write_dicom_seg
+        write_dicom_seg(segmentation.result.labels, segmentation.result.label_set,
+                        inputs[segmentation.case.reference_modality], out, method.facts.name)
+    else:
+        write_labels(segmentation.result, out, args.label_convention)
     if probabilities_path is not None:
         write_image(segmentation.result.probabilities, probabilities_path)
     summary = {"case": case_id, "output": str(out), "method": method.facts.name,
@@ -75,7 +70,7 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
     if report_dir is not None:
         from .report import lesion_volumes, write_report
 
-        report_dir.mkdir(parents=True, exist_ok=True)
+        make_output_folder(report_dir)
         case = segmentation.case
         images = {m: case.images[MODALITIES.index(m)] for m in case.modalities}
         labels = segmentation.label_array
@@ -98,9 +93,15 @@ def command_segment(args) -> int:
     if args.case_dir is None and not any(files.values()):
         raise BrainLesionSAMError("no input: give --case-dir DIR or the volumes with --t1/--t1ce/--t2/--flair")
     inputs = case_inputs(args.case_dir, files)
+    from .dicom_seg import output_format, source_series
+    args.output_format = output_format(args.out, args.format)
     out = _output_path(args.out, args.overwrite)
+    if args.report is not None:
+        check_output_folder(args.report)
     method = _load(args)
     method.facts.check_modalities(list(inputs))
+    if args.output_format == "dicom-seg":
+        source_series(inputs, method.facts.modalities)  # a NIfTI reference fails here, before segmenting
     case_id = args.case_dir.name if args.case_dir else out.name.split(".")[0]
     summary = _segment_one(inputs, method, args, out, args.report, case_id)
     for region, weights in summary.get("modality_weights", {}).items():
@@ -128,11 +129,12 @@ def command_batch(args) -> int:
     method = _load(args)
     if args.output.exists() and not args.output.is_dir():
         raise OutputPathError(f"--output {args.output} is a file; give a folder for the results")
-    args.output.mkdir(parents=True, exist_ok=True)
+    make_output_folder(args.output)
     check_writable(args.output / "summary.csv")
+    args.output_format = args.format
     rows = []
     for index, folder in enumerate(folders, 1):
-        out = args.output / f"{folder.name}.nii.gz"
+        out = args.output / (f"{folder.name}.dcm" if args.format == "dicom-seg" else f"{folder.name}.nii.gz")
         row = {"case": folder.name, "status": "", "seconds": "", "output": str(out), "error": ""}
         if out.exists():
             row["status"] = "skipped (already done)"
@@ -143,6 +145,9 @@ def command_batch(args) -> int:
         try:
             inputs = case_inputs(folder)
             method.facts.check_modalities(list(inputs))
+            if args.format == "dicom-seg":
+                from .dicom_seg import source_series
+                source_series(inputs, method.facts.modalities)
             report_dir = args.output / "reports" if args.report else None
             _segment_one(inputs, method, args, out, report_dir, folder.name)
             row["status"] = "done"
@@ -222,7 +227,7 @@ def gather_info() -> dict:
             versions[package] = getattr(module, "__version__", getattr(module, "Version", lambda: "?")())
         except ImportError:
             versions[package] = None
-    return {"methods": methods, "devices": devices, "versions": versions}
+    return {"default_method": DEFAULT_METHOD, "methods": methods, "devices": devices, "versions": versions}
 
 
 def command_info(args) -> int:
@@ -245,7 +250,8 @@ def command_info(args) -> int:
 def command_sample(args) -> int:
     from .sample import generate_cases
 
-    progress = TqdmProgress("generating")
+    check_output_folder(args.out)
+    progress = ConsoleProgress("generating")
     try:
         paths = generate_cases(args.out, args.n, args.seed, resolution=args.resolution,
                                label_convention=args.label_convention, progress=progress,
@@ -265,7 +271,7 @@ def command_demo(args) -> int:
     out: Path = args.out
     if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise OutputPathError(f"{out} exists and holds files that the demo did not write; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     (out / DEMO_MARKER).write_text("written by `brainlesionsam demo`; its files are replaced on the next run\n")
     case_id = "BLSAM_sample"
     case_dir = out / "cases" / case_id
@@ -324,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         segment.add_argument(f"--{m}", type=Path, help=f"{MODALITY_DISPLAY_NAMES[m]} volume (overrides --case-dir)")
     _add_inference_options(segment)
     segment.add_argument("--box", help="x0,y0,z0,x1,y1,z1 voxel indices of the reference volume (inclusive)")
-    segment.add_argument("--out", type=Path, required=True, help="label volume to write (.nii.gz, .nrrd, ...)")
+    segment.add_argument("--out", type=Path, required=True,
+                         help="label volume to write (.nii.gz, .nrrd, ...), or a DICOM SEG (.dcm)")
+    segment.add_argument("--format", choices=("image", "dicom-seg"), default=None,
+                         help="'image': a label volume; 'dicom-seg': a DICOM Segmentation referencing the input "
+                              "DICOM series (the reference volume must be one; --out *.dcm). Default: by --out's suffix")
     segment.add_argument("--report", type=Path, help="folder for the QC picture and lesion volumes (JSON/CSV)")
     segment.add_argument("--probabilities", type=Path,
                          help="also write the class probabilities (one vector component per class)")
@@ -335,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--input", type=Path, required=True)
     batch.add_argument("--output", type=Path, required=True)
     batch.add_argument("--report", action="store_true", help="also write QC pictures and volumes per case")
+    batch.add_argument("--format", choices=("image", "dicom-seg"), default="image",
+                       help="per case <case>.nii.gz (image), or <case>.dcm, a DICOM SEG referencing the case's "
+                            "DICOM series (dicom-seg)")
     _add_inference_options(batch)
     batch.set_defaults(handler=command_batch)
 
@@ -360,38 +373,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="segment the embedded sample case and write a report")
     demo.add_argument("--out", type=Path, default=Path("brainlesionsam-demo"))
-    _add_inference_options(demo, default_method="unet2d")
+    _add_inference_options(demo, default_method=DEFAULT_METHOD)
     demo.set_defaults(handler=command_demo, box=None)
 
-    web = sub.add_parser("web", help="the Segment panel in a browser, on trame-slicer (needs the 'web' extra)")
-    web.add_argument("--host", default="127.0.0.1",
-                     help="address to bind (default 127.0.0.1); another one needs --allow-remote")
-    web.add_argument("--allow-remote", action="store_true", help="serve on a non-loopback --host: NO authentication")
-    web.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
-    web.add_argument("--data", type=Path, help="folder of case folders for the case picker")
-    web.add_argument("--out", type=Path, help="default folder for Save (default ./brainlesionsam-web-output)")
-    web.add_argument("--idle-exit", type=float, default=0, metavar="SECONDS",
-                     help="stop when no page has been connected for this long (default 0: never)")
+    # The library knows no front end: the web page is its own command, registered by its package.
+    web = sub.add_parser("web", help="moved: the browser front end is the brainlesionsam-web command",
+                         add_help=False)
 
-    def command_web(args):  # imported here: trame and slicer-core load only for this command
-        try:
-            from BrainLesionSAMWeb.server import serve
-        except ImportError as error:
-            raise BrainLesionSAMError(f"the web front end cannot be imported ({error}); install it with the "
-                                      "'web' extra: pip install -e \".[web]\"") from None
-        return serve(args)
+    def command_web(args):
+        given = " ".join(args.web_arguments)
+        raise BrainLesionSAMError(f"the web front end is its own command: run brainlesionsam-web {given}".rstrip()
+                                  + " (installed with the 'web' extra: pip install -e \".[web]\")")
     web.set_defaults(handler=command_web)
     return parser
 
 
+def _one_line_input_warnings(show_other):
+    """warnings.showwarning that prints an InputWarning as one 'warning: ...' line on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, InputWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)  # unknown: only `web`'s, passed on in its pointer
+    if unknown and args.command != "web":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.web_arguments = unknown
+    return run_command(args.handler, args)
+
+
+def run_command(handler, args: argparse.Namespace) -> int:
+    """``handler(args)`` as a command: input warnings on one line each, a user error (or a file that
+    cannot be written) as one ``error: ...`` line and status 1, Ctrl-C as status 130; no traceback.
+    Front ends with their own command (``brainlesionsam-web``) run through it too."""
     try:
-        if getattr(args, "device", None):
-            resolve_device(args.device)
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", InputWarning)
+            warnings.showwarning = _one_line_input_warnings(warnings.showwarning)
+            if getattr(args, "device", None):
+                resolve_device(args.device)
+            return handler(args)
     except BrainLesionSAMError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a file the checks could not foresee (gone, no space left): one line too
+        print(f"error: {error}; nothing half-written was left behind", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was left behind", file=sys.stderr)

@@ -7,6 +7,10 @@ batches when asked, and maps the prediction back onto the reference grid voxel f
 
 A box (``Box``, voxel indices of the reference grid) restricts the result for every method -
 nothing outside it is labelled - and is the prompt of promptable methods on each slice it spans.
+
+The result of a fully automatic method is cleaned: nothing outside the brain (the inputs' non-zero
+mask), and no whole-lesion component under ``min_component_ml`` (``postprocessing``; the default
+is measured in docs/generalisation.md). A box-prompted result is the user's box and is not cleaned.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 
 from .errors import BoxRequiredError, BrainLesionSAMError, CancelledError, GeometryError
 from .methods import SegmentationMethod
+from .postprocessing import DEFAULT_MIN_COMPONENT_ML, remove_small_components
 from .preprocessing import PreparedCase
 
 ProgressCallback = Callable[[float, str], None]
@@ -140,11 +145,13 @@ class InferenceEngine:
     batch_size: slices per forward pass for 2D methods (patches for 3D, as MONAI's sw_batch_size);
     None = :func:`default_batch_size` for the device.
     amp: mixed precision (bfloat16 where supported, else float16) on CUDA; ignored on CPU.
+    min_component_ml: automatic methods drop whole-lesion components smaller than this (0: keep all).
     """
 
     def __init__(self, method: SegmentationMethod, device: str | torch.device = "auto",
                  batch_size: int | None = None, amp: bool = True, overlap: float = 0.5,
-                 embedding_cache: EmbeddingCache | None = None):
+                 embedding_cache: EmbeddingCache | None = None,
+                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML):
         if batch_size is not None and batch_size < 1:
             raise BrainLesionSAMError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -152,6 +159,7 @@ class InferenceEngine:
         self.batch_size = batch_size or default_batch_size(self.device)
         self.amp = amp and self.device.type == "cuda"
         self.overlap = overlap
+        self.min_component_ml = float(min_component_ml or 0.0)
         self.embedding_cache = embedding_cache if method.facts.cacheable_embeddings else None
 
     def _autocast(self):
@@ -193,6 +201,10 @@ class InferenceEngine:
         inside = case.brain_mask if box is None else case.brain_mask & box.mask(case.shape_zyx)
         labels = labels_lookup[probabilities.argmax(0)]
         labels[~inside] = 0
+        if box is None and not facts.promptable and self.min_component_ml > 0:
+            cleaned = remove_small_components(labels, case.spacing_zyx, self.min_component_ml)
+            inside &= (cleaned > 0) | (labels == 0)  # removed specks become background in the probabilities too
+            labels = cleaned
         label_image = case.to_reference_image(labels)
         probability_image = None
         if return_probabilities:

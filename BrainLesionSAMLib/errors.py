@@ -39,3 +39,9 @@ class CancelledError(BrainLesionSAMError):
 
 class BoxRequiredError(BrainLesionSAMError):
     """A method that segments only inside a box prompt was run without a box."""
+
+
+class InputWarning(UserWarning):
+    """An input was usable only after a change the user should know about (NaN voxels set to 0, a
+    box clipped to the volume). The message says what was done; the command line prints it on one
+    line, ``warning: ...``."""

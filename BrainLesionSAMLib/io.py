@@ -1,8 +1,10 @@
 """Reading and writing images (SimpleITK), case discovery by file name, and safe (atomic) writes.
 
-Every reader validates what a user can get wrong: the file is an image, it is 3D, it is finite and
-not empty or constant. Every writer writes to a temporary name beside the target and renames it
-into place only on success, so a failed or cancelled run leaves no half-written file.
+Every reader validates what a user can get wrong: the file is an image, it is 3D, it is not empty
+or constant; NaN or infinite voxels are set to 0 with a warning. Every writer checks its folder
+first (by creating a file there: os.access says yes to root everywhere), writes to a temporary name
+beside the target and renames it into place only on success, so a failed or cancelled run leaves no
+half-written file.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import struct
 import zlib
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .conventions import MODALITY_DISPLAY_NAMES
-from .errors import InputImageError, OutputPathError
+from .errors import InputImageError, InputWarning, OutputPathError
 
 # File-name tokens per modality, checked in this order (t1ce before t1, t2f/flair before t2).
 # Covers BraTS 2020/2021 (_t1ce), BraTS 2023+ (-t1c, -t1n, -t2w, -t2f) and common scanner names.
@@ -96,12 +99,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputImageError(
-                    f"{what} folder {path} contains no DICOM series; give a DICOM series folder "
-                    "or an image file (NIfTI, NRRD, MHA)")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            reader.SetFileNames([str(f) for f in dicom_series_files(path, what)])
             image = reader.Execute()
         else:
             _check_nifti_complete(path, what)
@@ -112,6 +110,17 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
             f"{what} file {path} is not a readable image ({first_line}); "
             "give a NIfTI, NRRD, MHA file or a DICOM series folder") from None
     return validate_image(image, f"{what} ({path})")
+
+
+def dicom_series_files(folder: str | os.PathLike, what: str = "image") -> list[Path]:
+    """The files of the (first) DICOM series in ``folder``, in the order ``read_image`` stacks them:
+    slice k of the volume it reads is file k (what a DICOM SEG maps its frames onto)."""
+    folder = Path(folder)
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputImageError(f"{what} folder {folder} contains no DICOM series; give a DICOM series folder "
+                              "or an image file (NIfTI, NRRD, MHA)")
+    return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])]
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -168,7 +177,8 @@ def _check_nifti_complete(path: Path, what: str) -> None:
 
 
 def validate_image(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Check that ``image`` is a usable 3D scalar volume; returns it as float32."""
+    """Check that ``image`` is a usable 3D scalar volume; returns it as float32, with NaN and infinite
+    voxels set to 0 (an :class:`InputWarning` says how many)."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputImageError(
             f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -185,8 +195,16 @@ def validate_image(image: sitk.Image, what: str = "image") -> sitk.Image:
                               "2 voxels along every axis is needed (is this a single 2D slice?)")
     image = sitk.Cast(image, sitk.sitkFloat32)
     array = sitk.GetArrayViewFromImage(image)
-    if not np.all(np.isfinite(array)):
-        raise InputImageError(f"{what} contains NaN or infinite voxels; fix or re-export the volume")
+    finite = np.isfinite(array)
+    if not finite.all():
+        nan = int(np.isnan(array).sum())
+        infinite = int(finite.size - finite.sum()) - nan
+        cleaned = sitk.GetImageFromArray(np.where(finite, array, np.float32(0)))
+        cleaned.CopyInformation(image)
+        image, array = cleaned, sitk.GetArrayViewFromImage(cleaned)
+        counts = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (infinite, "infinite")) if n)
+        warnings.warn(f"{what} has {counts} voxel(s) (of {finite.size:,}); they were set to 0",
+                      InputWarning, stacklevel=2)
     if float(array.max()) == float(array.min()):
         raise InputImageError(f"{what} is constant (every voxel {float(array.max())}); "
                               "it holds no image - check that the right file was exported")
@@ -197,13 +215,56 @@ def check_writable(path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Fail early, before any computation, if ``path`` cannot be written."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputPathError(f"output folder {parent} is a file; choose another path")
     if not parent.is_dir():
         raise OutputPathError(f"output folder {parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"output folder {parent} is not writable; choose another path")
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a folder; give a file name for the output")
+    _check_folder_writable(parent, f"output folder {parent}")
     if path.exists() and not overwrite:
         raise OutputPathError(f"{path} already exists; choose another name or allow overwriting")
     return path
+
+
+def _check_folder_writable(folder: Path, what: str) -> None:
+    """os.access, then create and remove a file in ``folder`` (os.access says yes to root everywhere,
+    even in /proc); ``what`` starts the message."""
+    if not os.access(folder, os.W_OK):
+        raise OutputPathError(f"{what} is not writable; choose another path")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".brainlesionsam-probe.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputPathError(f"{what} is not writable (creating a file there failed: "
+                              f"{error.strerror or error}); choose another path") from None
+
+
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Fail early if ``folder`` cannot be created or written; creates nothing (a failed run leaves
+    no empty folders behind). The folder may exist; its nearest existing parent must be writable."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"output folder {folder} cannot be created: {existing} is a file; "
+                              "choose another path")
+    _check_folder_writable(existing, f"output folder {folder}" if existing == folder
+                           else f"output folder {folder} cannot be created: {existing}")
+    return folder
+
+
+def make_output_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) or raise an OutputPathError naming it."""
+    folder = check_output_folder(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputPathError(f"output folder {folder} cannot be created ({error.strerror or error}); "
+                              "choose another path") from None
+    return folder
 
 
 @contextlib.contextmanager
@@ -215,7 +276,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = check_writable(path)
     name = path.name
     suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), path.suffix)
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=f".part{suffix}", dir=path.parent)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=f".part{suffix}", dir=path.parent)
+    except OSError as error:
+        raise OutputPathError(f"output folder {path.parent} is not writable ({error.strerror or error}); "
+                              "choose another path") from None
     os.close(handle)
     temporary_path = Path(temporary)
     try:
@@ -234,7 +299,12 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     """Write ``image`` atomically (temporary file, then rename)."""
     path = Path(path)
     with atomic_output(path) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=compress)
+        try:
+            sitk.WriteImage(image, str(temporary), useCompression=compress)
+        except RuntimeError as error:  # e.g. the disk is full; the temporary file is removed
+            last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+            raise OutputPathError(f"could not write {path} ({last_line}); check the free space and the "
+                                  "file name's extension") from None
     return path
 
 

@@ -43,7 +43,12 @@ regions WT = {1, 2, 4}, TC = {1, 4}, ET = {4}) and ``NCR``, ``ED`` (labels 1 and
 the ET region are the same voxels and are reported once, as ``ET``. For the ``'lesion'`` set the
 only structure is ``lesion`` (label 1). BraTS 2023 numbering (ET = 3) is accepted on input.
 
-Flat (CSV) column names are ``<structure>_<metric>``, e.g. ``WT_dice``, ``ET_hd95_mm``.
+Lesion-wise (``lesion_wise=True``; ``evaluate_folders`` and so ``brainlesionsam evaluate`` do it by
+default): the BraTS 2023 lesion-wise Dice and HD95 of WT, TC, ET (or of the lesion) and the TP, FN
+and FP lesion counts, ``lesion_dice``, ``lesion_hd95_mm``, ``lesion_tp``, ``lesion_fn``,
+``lesion_fp`` (``lesion_metrics`` has the rules: dilation, small lesions, the 374 mm penalty).
+
+Flat (CSV) column names are ``<structure>_<metric>``, e.g. ``WT_dice``, ``ET_hd95_mm``, ``TC_lesion_dice``.
 
 Arrays are indexed [z, y, x] (as ``sitk.GetArrayFromImage`` gives them), so the spacing argument
 is ``spacing_zyx``: the reverse of SimpleITK's ``GetSpacing()`` (x, y, z).
@@ -66,6 +71,7 @@ from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from .conventions import ED, LABEL_SETS, NCR, REGIONS, to_brats2021
 from .errors import GeometryError, InputImageError
 from .io import IMAGE_SUFFIXES, LABEL_PATTERN, atomic_output, check_writable, discover_case, modality_from_name
+from .lesion_metrics import LESION_METRIC_NAMES, LESION_STRUCTURES, lesion_wise as lesion_wise_scores
 
 METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "precision", "sensitivity", "hd95_mm", "nsd")
 DEFAULT_NSD_TOLERANCE_MM = 1.0
@@ -176,7 +182,7 @@ def _check_label_values(labels: np.ndarray, label_set: str, what: str) -> None:
 
 def evaluate_labels(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float], label_set: str = "brats",
                     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
-                    empty_distance_mm: float | None = None) -> dict[str, dict[str, float]]:
+                    empty_distance_mm: float | None = None, lesion_wise: bool = False) -> dict[str, dict[str, float]]:
     """Metrics per structure of a label map pair.
 
     Args:
@@ -184,10 +190,12 @@ def evaluate_labels(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[floa
             (or 0, 1, 2, 3 in BraTS 2023 numbering); for 'lesion', 0 and 1.
         spacing_zyx: voxel size in mm along the array axes (reverse of SimpleITK's GetSpacing()).
         label_set: 'brats' or 'lesion' (keys of ``conventions.LABEL_SETS``).
+        lesion_wise: also the BraTS 2023 lesion-wise metrics (``LESION_METRIC_NAMES``) of the
+            structures in ``LESION_STRUCTURES`` (WT, TC, ET; the lesion).
 
     Returns:
         {structure: {metric: value}}; structures 'WT', 'TC', 'ET', 'NCR', 'ED' for 'brats',
-        'lesion' for 'lesion'; metrics as in ``binary_metrics``.
+        'lesion' for 'lesion'; metrics as in ``binary_metrics`` (and the lesion-wise ones).
     """
     if label_set not in STRUCTURES:
         raise ValueError(f"unknown label set {label_set!r}; use one of {sorted(STRUCTURES)}")
@@ -203,11 +211,16 @@ def evaluate_labels(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[floa
             raise InputImageError(f"{error}; use one numbering per label map") from None
     _check_label_values(pred, label_set, "prediction")
     _check_label_values(gt, label_set, "ground truth")
-    return {
+    results = {
         name: binary_metrics(np.isin(pred, values), np.isin(gt, values), spacing_zyx,
                              nsd_tolerance_mm=nsd_tolerance_mm, empty_distance_mm=empty_distance_mm)
         for name, values in STRUCTURES[label_set].items()
     }
+    if lesion_wise:
+        for name in LESION_STRUCTURES[label_set]:
+            values = STRUCTURES[label_set][name]
+            results[name].update(lesion_wise_scores(np.isin(pred, values), np.isin(gt, values), spacing_zyx).as_dict())
+    return results
 
 
 def flatten_results(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -216,9 +229,11 @@ def flatten_results(results: dict[str, dict[str, float]]) -> dict[str, float]:
             for structure, metrics in results.items() for metric, value in metrics.items()}
 
 
-def result_columns(label_set: str = "brats") -> list[str]:
+def result_columns(label_set: str = "brats", lesion_wise: bool = False) -> list[str]:
     """The flat column names ``flatten_results`` produces for ``label_set``, in order."""
-    return [f"{structure}_{metric}" for structure in STRUCTURES[label_set] for metric in METRIC_NAMES]
+    return [f"{structure}_{metric}" for structure in STRUCTURES[label_set]
+            for metric in METRIC_NAMES + (LESION_METRIC_NAMES if lesion_wise and structure in
+                                          LESION_STRUCTURES[label_set] else ())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +290,7 @@ def check_same_grid(pred: sitk.Image, gt: sitk.Image, tolerance: float = 1e-4,
 
 def evaluate_case_files(pred_path: str | os.PathLike, gt_path: str | os.PathLike, label_set: str = "brats",
                         nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
-                        empty_distance_mm: float | None = None) -> dict[str, dict[str, float]]:
+                        empty_distance_mm: float | None = None, lesion_wise: bool = False) -> dict[str, dict[str, float]]:
     """``evaluate_labels`` on two label-map files that must share one voxel grid (else GeometryError)."""
     pred_image = read_label_map(pred_path, "prediction")
     gt_image = read_label_map(gt_path, "ground truth")
@@ -285,7 +300,7 @@ def evaluate_case_files(pred_path: str | os.PathLike, gt_path: str | os.PathLike
     gt = sitk.GetArrayFromImage(gt_image).astype(np.int32)
     try:
         return evaluate_labels(pred, gt, spacing_zyx, label_set=label_set, nsd_tolerance_mm=nsd_tolerance_mm,
-                               empty_distance_mm=empty_distance_mm)
+                               empty_distance_mm=empty_distance_mm, lesion_wise=lesion_wise)
     except InputImageError as error:
         raise InputImageError(f"{error} (prediction {pred_path}, ground truth {gt_path})") from None
 
@@ -377,14 +392,15 @@ def _summary(rows: list[dict], columns: list[str]) -> list[dict]:
 
 def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out_csv: str | os.PathLike,
                      label_set: str = "brats", nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
-                     empty_distance_mm: float | None = None) -> list[dict[str, str | float]]:
+                     empty_distance_mm: float | None = None, lesion_wise: bool = True) -> list[dict[str, str | float]]:
     """Evaluate every prediction in ``pred_dir`` that has a ground truth in ``gt_dir``; write a CSV.
 
     Predictions are ``<pred_dir>/<case>.nii.gz`` (or .nii, .nrrd, .mha, ...); ground truth is found
     as described in ``find_ground_truths``. Cases with a prediction but no ground truth, or the
     reverse, are not evaluated: they are named in a ``MissingCaseWarning`` (and are not in the means).
 
-    The CSV (written atomically) has a column 'case' and the columns of ``result_columns``; one
+    The CSV (written atomically) has a column 'case' and the columns of ``result_columns`` (with the
+    BraTS 2023 lesion-wise metrics and lesion counts unless ``lesion_wise`` is False); one
     row per evaluated case in case order, then a 'mean' row and an 'sd' row (sample standard
     deviation; NaN when only one case was evaluated).
 
@@ -412,11 +428,12 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out
         warnings.warn(f"{len(no_prediction)} case(s) in {gt_dir} have no prediction in {pred_dir} and were "
                       f"not evaluated: {', '.join(no_prediction)}", MissingCaseWarning, stacklevel=2)
 
-    columns = result_columns(label_set)
+    columns = result_columns(label_set, lesion_wise)
     rows: list[dict[str, str | float]] = []
     for case in matched:
         results = evaluate_case_files(predictions[case], ground_truths[case], label_set=label_set,
-                                      nsd_tolerance_mm=nsd_tolerance_mm, empty_distance_mm=empty_distance_mm)
+                                      nsd_tolerance_mm=nsd_tolerance_mm, empty_distance_mm=empty_distance_mm,
+                                      lesion_wise=lesion_wise)
         rows.append({"case": case, **flatten_results(results)})
     rows += _summary(rows, columns)
 

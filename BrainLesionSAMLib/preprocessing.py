@@ -4,7 +4,8 @@ Steps (BrainSegDMIF section 4.2, SOFA's preprocessing):
 
 1. choose a reference modality (T1CE, then FLAIR, T2, T1) - its grid is the output grid;
 2. resample every other modality onto that grid in physical space (SimpleITK, linear), never by
-   array resize; a modality that does not overlap the reference is an error;
+   array resize; a modality that does not overlap the reference, or whose head / brain does not
+   fall onto the reference's (not co-registered: :func:`check_coregistered`), is an error;
 3. per modality: clip to the 0.5-99.5 percentiles of the brain (non-zero) voxels and min-max scale
    to [0, 255]; voxels outside the brain stay 0;
 4. 2D methods: axial slices (array index z of SimpleITK's [z, y, x]) mapped to 256 x 256 by
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -29,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES, REFERENCE_PREFERENCE
 from .errors import GeometryError, InputImageError, MissingModalityError
@@ -36,6 +39,11 @@ from .io import copy_geometry, read_image, validate_image
 
 SLICE_SIZE = 256
 CLIP_PERCENTILES = (0.5, 99.5)
+# Co-registration check: resampled onto the reference grid, two modalities' head (or brain) masks
+# must overlap with at least this Dice, unless one lies inside the other (skull-stripped vs not).
+COREGISTRATION_MIN_DICE = 0.8
+COREGISTRATION_MIN_CONTAINED = 0.95
+OUTLINE_GRID = 64  # the masks are compared on every n-th voxel, about this many per axis
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,86 @@ def resample_to_reference(moving: sitk.Image, reference: sitk.Image, what: str =
         return moving
     check_overlap(moving, reference, what)
     return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+@dataclass(frozen=True)
+class HeadOutline:
+    """A volume's head (or, skull-stripped, brain) mask on every ``steps``-th voxel of its grid.
+
+    The mask is the non-zero voxels where at least a tenth of the volume is exactly 0 (skull-stripped
+    or masked data: the same brain the preprocessing uses), else the voxels above a tenth of the
+    1-99 percentile range; enclosed holes (ventricles) are filled.
+    """
+
+    mask: np.ndarray                 # [z, y, x] bool, coarse
+    steps: tuple[int, int, int]      # z, y, x
+
+    @classmethod
+    def of(cls, array_zyx: np.ndarray) -> "HeadOutline":
+        steps = tuple(max(1, math.ceil(n / OUTLINE_GRID)) for n in array_zyx.shape)
+        coarse = np.asarray(array_zyx[::steps[0], ::steps[1], ::steps[2]], dtype=np.float32)
+        if np.mean(coarse == 0) >= 0.1:
+            mask = coarse != 0
+        else:
+            low, high = np.percentile(coarse, (1, 99))
+            mask = coarse > low + 0.1 * (high - low)
+        return cls(ndimage.binary_fill_holes(mask), steps)
+
+    def centre_mm(self, image: sitk.Image) -> np.ndarray | None:
+        """Physical centre of the mask on ``image``'s grid (the grid it was made on), or None if empty."""
+        if not self.mask.any():
+            return None
+        z, y, x = (np.argwhere(self.mask).mean(0) * self.steps).tolist()
+        return np.array(image.TransformContinuousIndexToPhysicalPoint((x, y, z)))
+
+
+def _field_of_view(moving: sitk.Image, reference: sitk.Image, steps: tuple[int, int, int]) -> np.ndarray:
+    """[z, y, x] bool on the coarse reference grid: the points that lie inside ``moving``'s volume."""
+    def index_to_physical(image):
+        return np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+
+    size_zyx = tuple(reversed(reference.GetSize()))
+    z, y, x = np.meshgrid(*[np.arange(0, n, step) for n, step in zip(size_zyx, steps)], indexing="ij")
+    points = index_to_physical(reference) @ np.stack([x.ravel(), y.ravel(), z.ravel()]).astype(np.float64)
+    points += np.array(reference.GetOrigin())[:, None]
+    indices = np.linalg.solve(index_to_physical(moving), points - np.array(moving.GetOrigin())[:, None])
+    inside = np.all((indices >= -0.5) & (indices <= np.array(moving.GetSize())[:, None] - 0.5), axis=0)
+    return inside.reshape(x.shape)
+
+
+def check_coregistered(moving: sitk.Image, on_reference: sitk.Image, reference: sitk.Image,
+                       what: str, reference_what: str, reference_outline: HeadOutline | None = None) -> None:
+    """Raise GeometryError when ``moving`` (resampled onto the reference grid: ``on_reference``) is not
+    co-registered with ``reference``: inside ``moving``'s field of view their head masks overlap with a
+    Dice under COREGISTRATION_MIN_DICE and neither lies (almost) inside the other. The message names
+    both volumes and how far apart their heads' centres are."""
+    reference_outline = reference_outline or HeadOutline.of(sitk.GetArrayViewFromImage(reference))
+    steps = reference_outline.steps
+    inside = _field_of_view(moving, reference, steps)
+    fixed = reference_outline.mask & inside
+    resampled = HeadOutline.of(sitk.GetArrayViewFromImage(on_reference)).mask
+    if resampled.shape != fixed.shape:  # the coarse grids of the two arrays are the same by construction
+        raise ValueError(f"outline shapes differ: {resampled.shape} vs {fixed.shape}")
+    resampled &= inside
+    sizes = int(fixed.sum()), int(resampled.sum())
+    if min(sizes) == 0:
+        return  # nothing to compare (no overlap is check_overlap's error; an empty head, normalisation's)
+    common = int((fixed & resampled).sum())
+    dice = 2 * common / sum(sizes)
+    if dice >= COREGISTRATION_MIN_DICE or common / min(sizes) >= COREGISTRATION_MIN_CONTAINED:
+        return
+    centre, reference_centre = HeadOutline.of(sitk.GetArrayViewFromImage(moving)).centre_mm(moving), \
+        reference_outline.centre_mm(reference)
+    offset = ""
+    if centre is not None and reference_centre is not None:
+        dx, dy, dz = (round(float(v), 1) + 0.0 for v in centre - reference_centre)  # + 0.0: no '-0.0'
+        offset = (f"; its head's centre is {math.hypot(dx, dy, dz):.1f} mm away from the reference's "
+                  f"(x {dx:+.1f}, y {dy:+.1f}, z {dz:+.1f} mm)")
+    raise GeometryError(
+        f"{what} is not co-registered with the reference {reference_what}: resampled onto the reference "
+        f"grid their head masks overlap with Dice {dice:.2f} (at least {COREGISTRATION_MIN_DICE} expected)"
+        f"{offset}; register it to the reference first (e.g. Slicer's General Registration (BRAINS)) or "
+        "check that both volumes come from the same patient and session")
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
@@ -263,9 +351,14 @@ def prepare_case(images: Mapping[str, sitk.Image | str | os.PathLike],
     size_zyx = tuple(reversed(reference.GetSize()))
     volumes = np.zeros((len(MODALITIES),) + size_zyx, dtype=np.float32)
     available = np.zeros(len(MODALITIES), dtype=bool)
+    reference_what = f"{MODALITY_DISPLAY_NAMES[reference_modality]} ({sources[reference_modality]})"
+    reference_outline = HeadOutline.of(sitk.GetArrayViewFromImage(reference)) if len(given) > 1 else None
     for key in given:
         name = MODALITY_DISPLAY_NAMES[key]
         image = resample_to_reference(loaded[key], reference, f"{name} ({sources[key]})")
+        if key != reference_modality:
+            check_coregistered(loaded[key], image, reference, f"{name} ({sources[key]})", reference_what,
+                               reference_outline)
         index = MODALITIES.index(key)
         volumes[index] = normalize_intensity(sitk.GetArrayViewFromImage(image), f"{name} ({sources[key]})")
         available[index] = True

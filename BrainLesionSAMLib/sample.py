@@ -663,3 +663,10 @@ def generate_cases(out_dir: str | os.PathLike, n: int, seed: int = 0, resolution
         paths.append(write_case(generate_case(params), out_dir, case_id, overwrite=overwrite))
     progress(1.0, f"wrote {n} case{'s' if n > 1 else ''}")
     return paths
+
+
+# Anatomy helpers the training synthesiser (Training/synthesis) shares; it draws its own randomness.
+template_anatomy = _anatomy
+spatial_noise = _spatial_noise
+direction_function = _direction_function
+evaluate_coarse = _evaluate_coarse

@@ -3,6 +3,70 @@ import pytest
 import SimpleITK as sitk
 import torchvision.ops  # noqa: F401  - fails loudly if torch and torchvision are a mismatched pair
 
+# The tests the fast lane (`pytest -m "not slow"`) skips, as "file" or "file::test function" (every
+# parametrisation) -> seconds measured with `pytest --durations=0` (set-up + call, all
+# parametrisations) on 2 CPU cores shared with a training run (issue 23; None: not measured here).
+# CI and the README's test command run them all; Testing/test_readme.py checks that each entry exists.
+SLOW_TESTS: dict[str, float | None] = {
+    "test_backbones.py::test_block_by_block_equals_the_encoder_and_declares_its_shapes": 7.7,
+    "test_backbones.py::test_hook_output_replaces_the_block_output": 6.0,
+    "test_brainsegdmif.py::test_ablation_switches_change_the_module_graph_and_still_run": 14.6,
+    "test_brainsegdmif.py::test_brainsegdmif_starts_as_backbone": 25.3,
+    "test_brainsegdmif.py::test_flops_per_slice_on_the_meta_device": 7.2,
+    "test_brainsegdmif.py::test_forward_missing_modalities_and_case_weights": 8.3,
+    "test_brainsegdmif.py::test_gradient_reaches_every_trainable_parameter": 6.6,
+    "test_brainsegdmif.py::test_one_adam_step_lowers_the_loss": 16.9,
+    "test_catalogue_wheel.py::test_wheel_ships_the_catalogue_and_resolves_weights_outside_the_source_tree": 9.0,
+    "test_checkpoints.py::test_checkpoint_loads_where_the_initial_sam_file_is_absent": 3.8,
+    "test_cli.py::test_console_script_reports_a_user_error_on_stderr_with_status_1": 10.9,
+    "test_cli.py::test_info_json_lists_methods_devices_and_versions": 11.2,
+    "test_cmaa.py::test_backbone_weights_and_other_input_sizes": 3.2,
+    "test_cmaa.py::test_cmaa_starts_as_backbone": 30.5,
+    "test_cmaa.py::test_forward_shape_probabilities_and_missing_modality": 4.3,
+    "test_cmaa.py::test_lite_backbone_counts_weights_and_one_step": 33.0,
+    "test_cmaa.py::test_one_adamw_step_trains_only_the_trainable_part": 12.8,
+    "test_dbsam.py::test_256_shapes_cache_and_errors": 10.8,
+    "test_dbsam.py::test_dbsam_starts_as_backbone": 17.3,
+    "test_dbsam.py::test_engine_box_refinement_reuses_the_embeddings": 4.6,
+    "test_dbsam.py::test_lite_backbone": 15.3,
+    "test_dbsam.py::test_one_step_vit_b_trains_only_the_adapters_and_decoder": 13.5,
+    "test_demo.py::test_demo_writes_segmentation_report_and_scores_above_0_8": 28.5,
+    "test_demo.py::test_packaged_weights_generalise_to_fresh_cases": 18.9,
+    "test_evaluate.py::test_a_trained_run_is_evaluated_like_its_written_predictions": 29.0,
+    "test_evaluate.py::test_score_writes_per_case_csv_and_paper_table": 8.1,
+    "test_lesion_metrics.py::test_agrees_with_official_brats_evaluation_on_shared_cases": 17.2,
+    "test_litemedsam.py::test_cached_decode_equals_predict_proba_and_forward": 9.6,
+    "test_litemedsam.py::test_zero_shot_box_segmentation_beats_random_weights": 30.5,
+    "test_mome.py::test_full_2mm_case_through_the_engine_on_cpu": 14.0,
+    "test_mome.py::test_mome_stage2_starts_from_experts": 14.6,
+    "test_mome.py::test_one_sgd_step_lowers_the_loss": 3.1,
+    "test_mome.py::test_several_modalities_are_run_one_by_one_and_combined": 4.0,
+    "test_sam_vit.py::test_256_variant_loads_every_key_and_resizes_like_sam": 3.3,
+    "test_sam_vit.py::test_files": 6.1,
+    "test_sam_vit.py::test_parity_with_segment_anything_at_1024": 94.0,
+    "test_sample.py::test_brats_grid_at_1mm_with_mni_physical_space": 10.7,
+    "test_slicer_batch.py": 107.1,  # every test: the script in a subprocess (slicer-core + torch start-up)
+    "test_slicer_logic.py::test_box_refinement_updates_one_segment_and_reuses_embeddings": 6.6,
+    "test_sofa.py::test_engine_cached_and_uncached_agree_with_case_weights": 21.1,
+    "test_sofa.py::test_forward_is_the_log_of_predict_proba": 3.4,
+    "test_sofa.py::test_one_adam_step_lowers_the_loss": 3.7,
+    "test_sofa.py::test_sofa_starts_as_backbone": 27.2,
+    "test_sofa.py::test_two_passes_on_the_real_network_and_refinement_switch": 20.5,
+    "test_training.py::test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run": 31.2,
+    "test_training.py::test_smoke_config_trains": 48.3,
+    "test_training.py::test_two_gloo_processes_end_with_identical_weights": 16.1,
+    "test_web_e2e.py": None,  # not measured: skipped here (no Playwright / Chromium); a server and a browser
+    "test_web_session.py": 40.4,  # every test: they share one session, which the first one loads
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if item.path.name in SLOW_TESTS or f"{item.path.name}::{name}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
 
 def oblique_direction(angle_degrees: float = 20.0) -> tuple[float, ...]:
     """Rotation about an oblique axis: a direction matrix no axis-aligned shortcut can fake."""
@@ -61,3 +125,58 @@ def lesion_batch():
     target = case.slice_geometry.to_network(seg[z][:, None].astype(np.float32), nearest=True) > 0
     available = torch.as_tensor(case.available)[None].expand(len(z), -1)
     return case.network_slices(z), available, target
+
+
+# ------------------------------------------------- command-line cases, shared by test_cli and test_bad_inputs
+
+CLI_SEED = 3
+SMALL_UNET = {"channels": (8, 16, 32), "strides": (2, 2)}
+
+
+def write_cli_cases(root):
+    """Two 2 mm sample cases (seed CLI_SEED) in the BraTS layout: <root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz."""
+    from BrainLesionSAMLib.sample import generate_cases
+    generate_cases(root, 2, seed=CLI_SEED, resolution=2)
+    return root
+
+
+def write_small_unet(path):
+    """A small unet2d checkpoint. Seeded so that its (random) output holds every BraTS label."""
+    import torch
+    from BrainLesionSAMLib.checkpoints import save_checkpoint
+    from BrainLesionSAMLib.methods import build_method
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_method("unet2d", SMALL_UNET)
+    return save_checkpoint(model, path)
+
+
+def write_relabelled_weights(weights, path, method: str):
+    """The same tensors, but the header says they belong to ``method``."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from BrainLesionSAMLib.checkpoints import HEADER_KEY
+
+    with safe_open(str(weights), framework="pt") as handle:
+        header = json.loads(handle.metadata()[HEADER_KEY])
+    header["method"] = method
+    save_file(load_file(str(weights)), str(path), metadata={HEADER_KEY: json.dumps(header)})
+    return path
+
+
+# Session-scoped: generating the cases is most of these tests' set-up, so it is done once per run.
+@pytest.fixture(scope="session")
+def cases_root(tmp_path_factory):
+    return write_cli_cases(tmp_path_factory.mktemp("cases"))
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    return write_small_unet(tmp_path_factory.mktemp("weights") / "unet2d_small.safetensors")
+
+
+@pytest.fixture(scope="session")
+def sofa_weights(weights, tmp_path_factory):
+    return write_relabelled_weights(weights, tmp_path_factory.mktemp("sofa") / "sofa.safetensors", "sofa")

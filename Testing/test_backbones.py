@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from BrainLesionSAMLib.backbones.base import BACKBONES, build_backbone
+from BrainLesionSAMLib.backbones import BACKBONES, build_backbone
 from BrainLesionSAMLib.backbones.litemedsam import build_lite_medsam
 from BrainLesionSAMLib.backbones.sam_vit import SamViTB
 

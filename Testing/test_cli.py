@@ -3,8 +3,9 @@
 Everything runs in-process through ``BrainLesionSAMLib.cli.main([...])`` (return code + captured
 stdout/stderr), except one subprocess call of the installed console script that shows what a user
 sees in a shell on a user error. The cases are 2 mm BraTS-like sample cases (120 x 120 x 78) made
-once per module; the network is a small, randomly initialised (seeded) unet2d given with
-``--weights``: these tests check the mechanics (files, geometry, labels, errors), not quality.
+once per test session (conftest.py); the network is a small, randomly initialised (seeded) unet2d
+given with ``--weights``: these tests check the mechanics (files, geometry, labels, errors), not
+quality. Bad inputs, one test each, are in test_bad_inputs.py (the table in docs/bad_inputs.md).
 """
 from __future__ import annotations
 
@@ -22,16 +23,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from BrainLesionSAMLib.checkpoints import HEADER_KEY, save_checkpoint
 from BrainLesionSAMLib.cli import main
 from BrainLesionSAMLib.methods import build_method
-from BrainLesionSAMLib.sample import generate_cases
 
-SMALL_UNET = {"channels": (8, 16, 32), "strides": (2, 2)}
-SEED = 3
+SEED = 3  # conftest's CLI_SEED: the cases (cases_root), the weights and sofa_weights are its session fixtures
 CASE_IDS = [f"BLSAM_{SEED:04d}_000", f"BLSAM_{SEED:04d}_001"]
 BRATS2021 = {0, 1, 2, 4}
 VOXEL_ML = 2.0 * 2.0 * 2.0 / 1000.0
@@ -40,36 +36,8 @@ VOXEL_ML = 2.0 * 2.0 * 2.0 / 1000.0
 # ------------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
-def cases_root(tmp_path_factory) -> Path:
-    """Two 2 mm sample cases in the BraTS layout: <root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz."""
-    root = tmp_path_factory.mktemp("cases")
-    generate_cases(root, 2, seed=SEED, resolution=2)
-    return root
-
-
-@pytest.fixture(scope="module")
 def case_dir(cases_root) -> Path:
     return cases_root / CASE_IDS[0]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """A small unet2d checkpoint. Seeded so that its (random) output holds every BraTS label."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_method("unet2d", SMALL_UNET)
-    return save_checkpoint(model, tmp_path_factory.mktemp("weights") / "unet2d_small.safetensors")
-
-
-@pytest.fixture(scope="module")
-def sofa_weights(weights, tmp_path_factory) -> Path:
-    """The same tensors, but the header says they belong to method 'sofa'."""
-    with safe_open(str(weights), framework="pt") as handle:
-        header = json.loads(handle.metadata()[HEADER_KEY])
-    header["method"] = "sofa"
-    path = tmp_path_factory.mktemp("sofa") / "sofa.safetensors"
-    save_file(load_file(str(weights)), str(path), metadata={HEADER_KEY: json.dumps(header)})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -278,150 +246,6 @@ def test_segment_refuses_to_overwrite_unless_asked(capsys, case_dir, weights, tm
     assert_same_geometry(read(out), read(modality_file(case_dir, "t1ce")))
     assert set(np.unique(array_of(out)).tolist()) <= BRATS2021
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]
-
-
-# --------------------------------------------------------------------------------- bad input (segment)
-
-def _missing_file(ctx):
-    return ["--flair", ctx.input / "nowhere_flair.nii.gz"], ["FLAIR", "nowhere_flair.nii.gz", "does not exist"]
-
-
-def _not_an_image(ctx):
-    path = ctx.input / "notes_flair.nii.gz"
-    path.write_text("these are my notes, not an image\n")
-    return ["--flair", path], ["FLAIR", str(path), "not a readable image"]
-
-
-def _constant_volume(ctx):
-    path = write_volume(np.full((20, 30, 30), 7.0, np.float32), ctx.input / "constant_t2.nii.gz")
-    return ["--t1ce", ctx.t1ce, "--t2", path], ["T2", str(path), "constant"]
-
-
-def _nan_voxels(ctx):
-    array = sitk.GetArrayFromImage(ctx.reference).copy()
-    array[40, 60, 60] = np.nan
-    # NRRD: SimpleITK's NIfTI reader turns NaN voxels into 0, so a .nii.gz could not carry them.
-    path = write_volume(array, ctx.input / "nan_flair.nrrd", like=ctx.reference)
-    return ["--t1ce", ctx.t1ce, "--flair", path], ["FLAIR", str(path), "NaN"]
-
-
-def _image_2d(ctx):
-    path = write_volume(np.random.default_rng(0).random((40, 50), dtype=np.float32), ctx.input / "slice_t1.nii.gz")
-    return ["--t1", path], ["T1", str(path), "2D"]
-
-
-def _image_4d(ctx):
-    frames = [sitk.GetImageFromArray(np.random.default_rng(i).random((8, 9, 10), dtype=np.float32)) for i in range(3)]
-    path = ctx.input / "series_t1.nii.gz"
-    sitk.WriteImage(sitk.JoinSeries(frames), str(path))
-    return ["--t1", path], ["T1", str(path), "4D"]
-
-
-def _far_away_origin(ctx):
-    image = read(modality_file(ctx.case, "flair"))
-    image.SetOrigin(tuple(o + 5000.0 for o in image.GetOrigin()))
-    path = ctx.input / "shifted_flair.nii.gz"
-    sitk.WriteImage(image, str(path))
-    return ["--t1ce", ctx.t1ce, "--flair", path], ["FLAIR", str(path), "does not overlap"]
-
-
-def _unknown_method(ctx):
-    return ["--case-dir", ctx.case, "--method", "nosuchmethod"], ["unknown method 'nosuchmethod'", "unet2d"]
-
-
-def _weights_of_another_method(ctx):
-    return (["--case-dir", ctx.case, "--weights", ctx.sofa_weights],
-            [str(ctx.sofa_weights), "'sofa'", "'unet2d'"])
-
-
-def _missing_weights(ctx):
-    path = ctx.input / "nowhere.safetensors"
-    return ["--case-dir", ctx.case, "--weights", path], [str(path), "does not exist"]
-
-
-def _output_folder_missing(ctx):
-    ctx.out = ctx.output / "not_there" / "labels.nii.gz"
-    return ["--case-dir", ctx.case], [str(ctx.out.parent), "does not exist"]
-
-
-def _no_input(ctx):
-    return [], ["no input", "--case-dir", "--flair"]
-
-
-def _box_not_six_numbers(ctx):
-    return ["--case-dir", ctx.case, "--box", "10,20,30"], ["box", "'10,20,30'", "six numbers"]
-
-
-def _box_not_numbers(ctx):
-    return ["--case-dir", ctx.case, "--box", "a,b,c,d,e,f"], ["box", "'a,b,c,d,e,f'", "six numbers"]
-
-
-def _box_outside_the_image(ctx):
-    return ["--case-dir", ctx.case, "--box", "500,500,500,600,600,600"], ["box", "outside the image"]
-
-
-def _box_with_infinity(ctx):
-    return ["--case-dir", ctx.case, "--box", "inf,0,0,10,10,10"], ["box", "inf"]
-
-
-def _truncated_file(ctx):
-    # An interrupted copy or download: the first half of a valid .nii.gz. SimpleITK zero-fills what
-    # is missing, so the reader has to notice on its own. (Small box: quick if it is segmented.)
-    path = ctx.input / "truncated_flair.nii.gz"
-    data = modality_file(ctx.case, "flair").read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return ["--t1ce", ctx.t1ce, "--flair", path, "--box", "0,0,40,119,119,40"], ["FLAIR", str(path)]
-
-
-BAD_INPUTS = {
-    "missing file": _missing_file,
-    "not an image": _not_an_image,
-    "constant volume": _constant_volume,
-    "NaN voxels": _nan_voxels,
-    "2D image": _image_2d,
-    "4D image": _image_4d,
-    "far-away origin": _far_away_origin,
-    "unknown method": _unknown_method,
-    "weights of another method": _weights_of_another_method,
-    "missing weights": _missing_weights,
-    "output folder missing": _output_folder_missing,
-    "no input": _no_input,
-    "box not six numbers": _box_not_six_numbers,
-    "box not numbers": _box_not_numbers,
-    "box outside the image": _box_outside_the_image,
-    "box with infinity": _box_with_infinity,
-    "truncated file": _truncated_file,
-}
-
-
-class BadInputContext:
-    def __init__(self, tmp_path: Path, case: Path, weights: Path, sofa_weights: Path):
-        self.input = tmp_path / "input"
-        self.output = tmp_path / "output"
-        self.input.mkdir()
-        self.output.mkdir()
-        self.case = case
-        self.t1ce = modality_file(case, "t1ce")
-        self.reference = read(self.t1ce)
-        self.weights = weights
-        self.sofa_weights = sofa_weights
-        self.out = self.output / "labels.nii.gz"
-
-
-@pytest.mark.parametrize("problem", list(BAD_INPUTS))
-def test_segment_bad_input_fails_cleanly(capsys, problem, case_dir, weights, sofa_weights, tmp_path):
-    ctx = BadInputContext(tmp_path, case_dir, weights, sofa_weights)
-    extra, expected = BAD_INPUTS[problem](ctx)
-    argv = ["segment", "--method", "unet2d", "--weights", str(weights), "--out", str(ctx.out)]
-    # Later options win in argparse: --method / --weights given by the case replace the defaults above.
-    code, stdout, stderr = run_cli(capsys, argv + [str(a) for a in extra])
-    assert code == 1, (stdout, stderr)
-    message = error_message(stderr)
-    for text in expected:
-        assert text in message, f"{text!r} not in {message!r}"
-    assert "wrote" not in stdout
-    assert list(ctx.output.iterdir()) == [], "a failed run must leave the output folder as it was"
-    assert not ctx.out.parent.exists() or ctx.out.parent == ctx.output
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

@@ -204,3 +204,29 @@ def test_lite_backbone_rejects_other_sizes_and_unknown_backbones():
         CMAA(backbone="lite", image_size=1024)
     with pytest.raises(ValueError, match="unknown backbone 'vit_h'"):
         CMAA(backbone="vit_h")
+
+
+def test_cmaa_starts_as_backbone(lesion_batch):
+    """At initialisation CMAA is its frozen backbone (LiteMedSAM, real weights) with nothing added:
+    each stream's encoder sees its pair's mean image and runs unchanged (adapters C = 0), and the
+    decoder gets the two streams' summed embeddings (eq. 1-2 and the paper's sum), so its output is
+    that of the backbone's own encoder forward (no block hooks) on the two pair means, summed, then
+    its prompt-less decoder; within float tolerance. Non-zero adapters change it."""
+    images, available, _ = lesion_batch
+    torch.manual_seed(0)
+    model = CMAA(backbone="lite").eval()
+    backbone = model.backbone
+    t1_mean = ((images[:, 0] + images[:, 1]) / 2)[:, None].expand(-1, 3, -1, -1)
+    t2_mean = ((images[:, 2] + images[:, 3]) / 2)[:, None].expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        logits = model(images, available)
+        embeddings = (backbone.image_encoder(backbone.normalize(t1_mean))
+                      + backbone.image_encoder(backbone.normalize(t2_mean)))
+        reference = backbone.decode(embeddings, boxes=None)
+    assert available.all() and reference.shape == (2, 1, 256, 256)
+    torch.testing.assert_close(logits[:, 1:], reference, atol=2e-3, rtol=1e-3)
+    assert reference.abs().max() > 1.0
+    torch.manual_seed(0)
+    adapted = CMAA(backbone="lite", adapter_zero_init=False).eval()
+    with torch.no_grad():
+        assert (adapted(images, available)[:, 1:] - reference).abs().max() > 1e-2

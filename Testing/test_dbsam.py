@@ -169,7 +169,7 @@ def adapter_counts(block_dims, interaction_dims, conv_dim, head_dim, mlp_ratio=4
     conv = sum(widths[i] * widths[i + 1] * (9 if i < 2 else 1) + 2 * widths[i + 1] for i in range(4))
     conv += widths[-1] * conv_dim + conv_dim
     hidden = conv_dim // 4
-    fusion = 2 * (conv_dim * hidden + hidden + hidden * conv_dim + conv_dim)
+    fusion = 2 * (conv_dim * hidden + hidden + hidden * conv_dim + conv_dim) + conv_dim  # + the fusion gate
     interactions = sum(direction(d, conv_dim) + direction(conv_dim, d) for d in interaction_dims)
     return sum(map(channel_attention, block_dims)) + conv + interactions + fusion
 
@@ -316,15 +316,26 @@ def test_one_step_vit_b_trains_only_the_adapters_and_decoder(lesion_batch):
     after = dict(model.backbone.image_encoder.state_dict())
     after.update({f"p.{k}": v for k, v in model.backbone.prompt_encoder.state_dict().items()})
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
-    # every learnable part got a gradient (the zero-initialised layers first)
+    # every learnable part on the ViT path got a gradient (the zero-initialised layers first), and the
+    # fusion gate; the conv side reaches the output only through the gate, which starts closed
+    # (issue 24: DB-SAM starts as the pretrained SAM), so its gradient is exactly zero at step 0 ...
+    conv_side = ("interactions.1.conv_query.mlp.0.weight", "conv_branch.layers.0.weight",
+                 "fusion.conv_attention.2.weight")
     for name in ("channel_attention.0.pointwise.weight", "channel_attention.11.pointwise.weight",
-                 "interactions.0.vit_query.attention.output_proj.weight", "interactions.1.conv_query.mlp.0.weight",
-                 "conv_branch.layers.0.weight", "fusion.conv_attention.2.weight",
+                 "interactions.0.vit_query.attention.output_proj.weight", "fusion.gate",
                  "backbone.mask_decoder.output_upscaling.0.weight"):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
+    assert all(model.get_parameter(name).grad.abs().sum() == 0 for name in conv_side)
     print(f"dbsam (vit_b 256) one AdamW step: loss {loss_before.item():.4f} -> {loss_after.item():.4f}")
     assert loss_after < loss_before
+    # ... and non-zero once the first step has opened the gate.
+    assert model.fusion.gate.abs().min() > 0
+    model.zero_grad()
+    torch.manual_seed(5)
+    model.training_loss(batch).backward()
+    for name in conv_side:
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
 
 
 def test_lite_backbone(lesion_batch):
@@ -417,3 +428,28 @@ def test_engine_box_refinement_reuses_the_embeddings(vit_256, sample_case, monke
     assert encoded == [2]  # the box refinement ran only the prompt encoder and mask decoder
     with pytest.raises(BrainLesionSAMError, match="box"):
         engine.segment(case)
+
+
+def test_dbsam_starts_as_backbone(lesion_batch):
+    """At initialisation every added path is a pass-through: DB-SAM's output is its frozen backbone's
+    own (LiteMedSAM with its real weights: encoder, neck, box prompt, decoder) on the same FLAIR slice
+    and box, within float tolerance; with the paper's literal fusion after every block too. The
+    reference is the backbone's plain forward, which never calls DB-SAM's hooks."""
+    images, available, _ = lesion_batch
+    boxes = torch.tensor([[70.0, 60.0, 190.0, 170.0]])
+    flair = images[:1, 3:4].expand(-1, 3, -1, -1)
+    for config in ({}, {"interaction_blocks": "every_block", "mlp_ratio": 0.5}):
+        torch.manual_seed(0)
+        model = DBSAM(backbone="lite", **config).eval()
+        with torch.no_grad():
+            logits = model(images[:1], available[:1], boxes)
+            reference = model.backbone(flair, boxes)     # [1, 1, 256, 256]: LiteMedSAM's own output
+        torch.testing.assert_close(logits[:, 1:], reference, atol=1e-4, rtol=1e-4)
+        assert logits[:, 1:].abs().max() > 1.0   # a real mask logit map, not zeros on both sides
+    assert len(model.interactions) == 12 and model.interaction_blocks == list(range(12))
+    # The literal eq. 2 (zero_init off) mixes in the random conv branch from the start.
+    torch.manual_seed(0)
+    literal = DBSAM(backbone="lite", zero_init=False, **SMALL).eval()
+    with torch.no_grad():
+        differs = (literal(images[:1], available[:1], boxes)[:, 1:] - reference).abs().max()
+    assert differs > 1e-2

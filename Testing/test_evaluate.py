@@ -63,7 +63,7 @@ def test_score_writes_per_case_csv_and_paper_table(cases, tmp_path, capsys):
     assert float(table["WT"]["dice_sd"]) == pytest.approx(100 * wt.std(ddof=1))
     hd95 = np.array([float(r["TC_hd95_mm"]) for r in rows[:3]])
     assert float(table["TC"]["hd95_mm_mean"]) == pytest.approx(hd95.mean())  # millimetres, not %
-    markdown = (out / "table.md").read_text()
+    markdown = (out / "table.md").read_text(encoding="utf-8")
     assert f"| WT | {100 * wt.mean():.2f} ± {100 * wt.std(ddof=1):.2f} |" in markdown
     assert "HD95 (mm)" in markdown and "n = 3 cases" in markdown
     summary = json.loads((out / "summary.json").read_text())

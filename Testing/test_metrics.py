@@ -350,8 +350,8 @@ def read_csv(path):
 def check_csv(path, rows, cases):
     written = read_csv(path)
     assert [r["case"] for r in written] == [*cases, "mean", "sd"]
-    assert list(written[0]) == ["case", *result_columns("brats")]
-    for column in result_columns("brats"):
+    assert list(written[0]) == ["case", *result_columns("brats", lesion_wise=True)]  # evaluate's default
+    for column in result_columns("brats", lesion_wise=True):
         values = np.array([float(r[column]) for r in written[: len(cases)]])
         assert float(written[-2][column]) == pytest.approx(values.mean())
         assert float(written[-1][column]) == pytest.approx(values.std(ddof=1))
@@ -369,7 +369,7 @@ def test_evaluate_folders_brats_layout(tmp_path):
         image = (gt * 10 + 5).astype(np.float32)
         sitk.WriteImage(make_image(image), str(gt_dir / case / f"{case}_flair.nii.gz"))
         write_labels(pred_dir / f"{case}.nii.gz", pred)
-        expected[case] = flatten_results(evaluate_labels(pred, gt, (1, 1, 1)))
+        expected[case] = flatten_results(evaluate_labels(pred, gt, (1, 1, 1), lesion_wise=True))
     write_labels(pred_dir / "BraTS2021_00099.nii.gz", small_case(5)[0])  # no ground truth for it
     (pred_dir / "notes.txt").write_text("not an image")
 

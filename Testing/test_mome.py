@@ -392,3 +392,54 @@ def test_full_2mm_case_through_the_engine_on_cpu(case_images):
     assert set(weights) == {"gate", "gate, T1CE input", "gate, FLAIR input"}
     assert list(weights["gate"]) == ["t1ce", "flair"] and sum(weights["gate"].values()) == pytest.approx(1.0)
     print(f"mome small config, 2 mm case, 2 modalities: {result.timings['network_s']:.1f} s network time")
+
+
+def test_mome_stage2_starts_from_experts(tmp_path):
+    """The paper's two stages as two runs: stage 1 (mome_experts_smoke: each sample trains its own
+    modality's expert), then stage 2 (mome_smoke, the curriculum) with init_from = stage 1's run.
+    At stage 2's step 0 its experts are stage 1's trained experts, tensor for tensor (not the random
+    initialisation), and the run's recorded initial weights are stage 1's final ones."""
+    import json
+
+    from BrainLesionSAMLib.checkpoints import load_checkpoint
+    from Training.config import TrainingConfigError, load_config
+    from Training.trainer import Trainer
+
+    quiet = {"log": lambda message: None}
+    first_dir, second_dir = tmp_path / "stage1", tmp_path / "stage2"
+    first = Trainer(load_config("mome_experts_smoke", [f"output.dir={json.dumps(str(first_dir))}"]), **quiet).run()
+    experts, header = load_checkpoint(first_dir / "final.safetensors", expected_method="mome")
+    assert header["config"]["training_stage"] == "experts" and header["sha256"] == first["rank_weight_sha256"][0]
+
+    config = load_config("mome_smoke", [f"output.dir={json.dumps(str(second_dir))}",
+                                        f"init_from={json.dumps(str(first_dir))}"])
+    assert config["method_config"].get("training_stage", "mome") == "mome"
+    trainer = Trainer(config, **quiet)
+    at_step_0 = trainer._build_method(MoME).state_dict()
+    torch.manual_seed(config["train"]["seed"])   # what stage 2 would start from without init_from
+    random_start = MoME(**config["method_config"]).state_dict()
+    keys = [k for k in experts if k.startswith("network.experts.")]
+    assert len(keys) > 0 and at_step_0.keys() == experts.keys()
+    assert all(torch.equal(at_step_0[k], experts[k]) for k in keys)
+    moved = [k for k in keys if not torch.equal(random_start[k], experts[k])]
+    assert moved, "stage 1 left the experts at their random initialisation: the test could not tell them apart"
+
+    # The documented command: brainlesionsam-train --config mome_smoke --init-from <stage 1 run>.
+    from Training import train as train_cli
+
+    assert train_cli.main(["--config", "mome_smoke", "--init-from", str(first_dir),
+                           f"output.dir={json.dumps(str(second_dir))}"]) == 0
+    second = json.loads((second_dir / "run.json").read_text())
+    assert second["initial_weight_sha256"] == header["sha256"] != second["rank_weight_sha256"][0]
+    assert json.loads((second_dir / "config.json").read_text())["init_from"] == str(first_dir.absolute())
+
+    # A network of another shape cannot start from stage 1: a clear error, nothing trained.
+    other = load_config("mome_smoke", [f"output.dir={json.dumps(str(tmp_path / 'other'))}",
+                                       f"init_from={json.dumps(str(first_dir / 'final.safetensors'))}",
+                                       "method_config.filters=[4, 8, 8, 8]"])
+    with pytest.raises(TrainingConfigError, match="does not fit method 'mome'"):
+        Trainer(other, **quiet)._build_method(MoME)
+    missing = load_config("mome_smoke", [f"init_from={json.dumps(str(tmp_path / 'nowhere'))}",
+                                         f"output.dir={json.dumps(str(tmp_path / 'other'))}"])
+    with pytest.raises(TrainingConfigError, match="nowhere does not exist"):
+        Trainer(missing, **quiet)._build_method(MoME)

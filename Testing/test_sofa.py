@@ -481,3 +481,32 @@ def test_checkpoint_round_trip(model, tmp_path):
     assert torch.equal(loaded.attention.score.weight, trained.attention.score.weight)
     assert torch.equal(loaded.backbone.mask_decoder.output_upscaling[0].weight,
                        trained.backbone.mask_decoder.output_upscaling[0].weight)
+
+
+def test_sofa_starts_as_backbone(lesion_batch):
+    """At initialisation SOFA is LiteMedSAM (the real weights) with nothing added: on one modality
+    (FLAIR) each sub-region's pass 1 is LiteMedSAM's own output for the whole-slice box, and pass 2
+    its output for the box around that mask (LiteMedSAM's box refinement); with all four modalities,
+    pass 1 decodes the mean of LiteMedSAM's four embeddings (alpha = 1/4, zero sub-region prompts).
+    The reference is the backbone's own forward / encoder forward, within float tolerance."""
+    images, available, _ = lesion_batch
+    torch.manual_seed(0)
+    model = SOFA().eval()
+    backbone = model.backbone
+    flair_only = torch.tensor([[False, False, False, True]])
+    whole = torch.tensor([[0.0, 0.0, 256.0, 256.0]])
+    with torch.no_grad():
+        result = model.two_pass(model.encode(images[:1], flair_only), flair_only)
+        first = backbone(images[:1, 3:4].expand(-1, 3, -1, -1), whole)[:, 0]
+        ys, xs = np.nonzero(first[0].numpy() > 0)
+        box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+        second = backbone(images[:1, 3:4].expand(-1, 3, -1, -1), box)[:, 0]
+        for r in range(3):
+            torch.testing.assert_close(result.first_logits[:, r], first, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(result.logits[:, r], second, atol=1e-4, rtol=1e-4)
+        assert result.present.all() and not torch.allclose(first, second, atol=1e-2)
+        everything = torch.ones(1, 4, dtype=torch.bool)
+        grey = images[0, :, None].expand(-1, 3, -1, -1)                    # the four modalities as images
+        mean = backbone.image_encoder(backbone.normalize(grey)).mean(dim=0, keepdim=True)
+        fused = model.two_pass(model.encode(images[:1], everything), everything)
+        torch.testing.assert_close(fused.first_logits[:, 0], backbone.decode(mean, whole)[:, 0], atol=1e-4, rtol=1e-4)

@@ -493,3 +493,21 @@ def test_prepare_only_and_export(cases, tmp_path, capsys):
     entry = export_run(out, described, which="final", training_data="16 generated cases at 1 mm")
     assert load_checkpoint(described)[1]["training_data"] == "16 generated cases at 1 mm"
     assert entry["description"].startswith("16 generated cases at 1 mm") and str(root) not in entry["description"]
+
+
+def test_mome_experts_config_is_the_methods_pretraining_recipe():
+    """MoME's stage 1 (mome_experts) trains with the method's own pre-training settings and differs
+    from stage 2 (mome) only in the stage, the optimiser's rate, the epochs and what is clipped, so
+    that stage 2's --init-from finds the same architecture."""
+    from BrainLesionSAMLib.methods.mome import MoME
+
+    stage1, stage2 = load_config("mome_experts"), load_config("mome")
+    assert stage1["method_config"] == {"training_stage": "experts"} and "training_stage" not in stage2["method_config"]
+    assert stage1["optimizer"]["lr"] == MoME.default_config["pretraining_learning_rate"]
+    assert stage1["train"]["epochs"] == MoME.default_config["pretraining_epochs"]
+    assert stage1["train"]["grad_clip_parameters"] is None and stage1["init_from"] is None
+    differ = {(section, key) for section in ("optimizer", "scheduler", "train", "data", "augmentation")
+              for key in stage1[section] if stage1[section][key] != stage2[section][key]}
+    assert differ == {("optimizer", "lr"), ("train", "epochs"), ("train", "grad_clip_parameters")}
+    with pytest.raises(TrainingConfigError, match="init_from must be"):
+        load_config("mome_smoke", ["init_from=3"])

@@ -1,5 +1,5 @@
 """The web page end to end in headless Chromium (Playwright driving Debian's /usr/bin/chromium) against
-a real ``brainlesionsam web`` server: pick a generated case, Segment with unet2d, check the lesion-volume
+a real ``brainlesionsam-web`` server: pick a generated case, Segment with unet2d, check the lesion-volume
 table against the library and a screenshot for the overlay, an error shown in the page, draw and drag a
 box, Refine with litemedsam, Save, reload the files, the overwrite confirmation, four files opened in
 the page - and the server stopping by itself once the page is gone. Waits are on the page's state

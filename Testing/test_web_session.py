@@ -253,7 +253,7 @@ def test_remote_host_needs_the_explicit_flag():
     assert "NO authentication" in check_host("0.0.0.0", True)
     with pytest.raises(BrainLesionSAMError, match="no authentication.*--allow-remote"):
         check_host("0.0.0.0", False)
-    result = subprocess.run([sys.executable, "-m", "BrainLesionSAMLib.cli", "web", "--host", "0.0.0.0", "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "BrainLesionSAMWeb.server", "--host", "0.0.0.0", "--port", "0"],
                             cwd=REPOSITORY, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                                 str(REPOSITORY), os.environ.get("PYTHONPATH", "")]))})

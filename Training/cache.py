@@ -96,29 +96,35 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 
 def write_entry(source: CaseSource, cache_dir: str | os.PathLike) -> Path:
     """Preprocess one case into ``<cache_dir>/<case_id>/`` (atomically); returns the folder."""
-    cache_dir = Path(cache_dir)
-    key = _source_key(source)
     try:
         case = prepare_case(source.images)
     except BrainLesionSAMError as error:
         raise DatasetError(f"case {source.case_id}: {error}") from None
+    labels = _labels_on_reference(source, case.reference) if source.label is not None else None
+    label_set = data_label_set(source, np.unique(labels).tolist()) if labels is not None else None
+    return store_entry(case, labels, cache_dir, source.case_id, source.patient_id, source.layout,
+                       _source_key(source), label_set)
+
+
+def store_entry(case: PreparedCase, labels: np.ndarray | None, cache_dir: str | os.PathLike, case_id: str,
+                patient_id: str, layout: str, key: dict[str, Any], label_set: str | None) -> Path:
+    """Write a prepared case (and its labels on the reference grid, BraTS 2021 values or 0/1) as the
+    cache entry ``<cache_dir>/<case_id>/``, atomically; ``key`` identifies what it was made from."""
+    cache_dir = Path(cache_dir)
     meta: dict[str, Any] = {
-        "case_id": source.case_id, "patient_id": source.patient_id, "layout": source.layout, "key": key,
+        "case_id": case_id, "patient_id": patient_id, "layout": layout, "key": key,
         "available": [bool(a) for a in case.available], "reference_modality": case.reference_modality,
         "size_xyz": list(case.reference.GetSize()), "spacing_xyz": list(case.reference.GetSpacing()),
         "origin": list(case.reference.GetOrigin()), "direction": list(case.reference.GetDirection()),
         "shape_zyx": list(case.shape_zyx), "spacing_zyx": list(case.spacing_zyx),
         "brain_slices": case.brain_slices().tolist(),
-        "has_labels": source.label is not None, "lesion_slices": [], "label_set": None, "label_values": [],
+        "has_labels": labels is not None, "lesion_slices": [], "label_set": None, "label_values": [],
     }
-    labels = None
-    if source.label is not None:
-        labels = _labels_on_reference(source, case.reference)
-        values = sorted(np.unique(labels).tolist())
-        meta["label_values"] = values
-        meta["label_set"] = data_label_set(source, values)
+    if labels is not None:
+        meta["label_values"] = sorted(np.unique(labels).tolist())
+        meta["label_set"] = label_set
         meta["lesion_slices"] = np.flatnonzero(labels.any(axis=(1, 2))).tolist()
-    temporary = cache_dir / f".{source.case_id}.{uuid.uuid4().hex}.part"
+    temporary = cache_dir / f".{case_id}.{uuid.uuid4().hex}.part"
     temporary.mkdir(parents=True)
     try:
         np.save(temporary / "images.npy", _to_uint8(case.images))
@@ -126,13 +132,13 @@ def write_entry(source: CaseSource, cache_dir: str | os.PathLike) -> Path:
             np.save(temporary / "labels.npy", labels)
             points = np.argwhere(labels > 0).astype(np.int32)
             if len(points) > MAX_FOREGROUND_POINTS:
-                rng = np.random.default_rng(zlib.crc32(source.case_id.encode()))
+                rng = np.random.default_rng(zlib.crc32(case_id.encode()))
                 points = points[np.sort(rng.choice(len(points), MAX_FOREGROUND_POINTS, replace=False))]
             np.save(temporary / "foreground.npy", points)
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        target = cache_dir / source.case_id
+        target = cache_dir / case_id
         if target.exists():
-            old = cache_dir / f".{source.case_id}.{uuid.uuid4().hex}.old"
+            old = cache_dir / f".{case_id}.{uuid.uuid4().hex}.old"
             os.replace(target, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(temporary, target)
@@ -142,13 +148,16 @@ def write_entry(source: CaseSource, cache_dir: str | os.PathLike) -> Path:
     return target
 
 
-def entry_is_current(source: CaseSource, cache_dir: str | os.PathLike) -> bool:
-    meta_path = Path(cache_dir) / source.case_id / "meta.json"
+def stored_key(cache_dir: str | os.PathLike, case_id: str) -> dict[str, Any] | None:
+    """The key an existing entry was made from (None when there is no readable entry)."""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return json.loads((Path(cache_dir) / case_id / "meta.json").read_text(encoding="utf-8")).get("key")
     except (OSError, json.JSONDecodeError):
-        return False
-    return meta.get("key") == _source_key(source)
+        return None
+
+
+def entry_is_current(source: CaseSource, cache_dir: str | os.PathLike) -> bool:
+    return stored_key(cache_dir, source.case_id) == _source_key(source)
 
 
 def prepare_cache(sources: list[CaseSource], cache_dir: str | os.PathLike, rank: int = 0, world_size: int = 1,

@@ -10,10 +10,15 @@ an unknown key is an error, so a typo never silently falls back to a default):
     constructor, which loads whatever initial weights the method_config names, e.g. CMAA's
     ``sam_checkpoint``), ``"pretrained"`` (the method's ``pretrained(**method_config)``, third-party
     weights such as LiteMedSAM's; an error if it has none) or ``"auto"`` (pretrained when the method
-    offers it, else the constructor).
+    offers it, else the constructor). ``init_from`` (``--init-from``): a run folder (its
+    ``final.safetensors``) or one of our ``.safetensors`` checkpoints of the same method whose
+    weights, every tensor, replace the initial ones: a new run, not a resume (MoME's stage 2 starts
+    from the experts' stage 1 this way).
 ``data``
     where the cases are (``root``, any layout :mod:`Training.datasets` knows, or generated sample
-    cases), the preprocessed cache, the case-level split file, and how samples are drawn (slice
+    cases, or ``synthesis``: cases made on the fly by :mod:`Training.synthesis`, a fresh pool of
+    ``cases_per_pool`` every ``pool_epochs`` epochs, deterministic by ``seed``; needs
+    ``train.steps_per_epoch``), the preprocessed cache, the case-level split file, and how samples are drawn (slice
     balance, boxes, modality dropout, patches).
 ``augmentation``
     MONAI random transforms (rotation, scaling, flips, intensity).
@@ -56,9 +61,11 @@ DEFAULTS: dict[str, Any] = {
     "method": None,
     "method_config": {},
     "init": "random",        # 'random' | 'pretrained' | 'auto' (pretrained when the method has such weights)
+    "init_from": None,       # a run folder (its final.safetensors) or a .safetensors file: start from its weights
     "data": {
         "root": None,                # dataset folder (BraTS 2020/2021/2023, FCD 2023 BIDS, sample cases)
         "sample_cases": None,        # {"n": 4, "seed": 0, "resolution": 2}: generate cases when root is None
+        "synthesis": None,           # {"seed": 0, ...} (SYNTHESIS_DEFAULTS): train on Training.synthesis cases
         "cache": None,               # preprocessed cache folder; default <root>/../<root name>_cache
         "splits": None,              # split JSON; default <cache>/splits.json (written when missing)
         "split_seed": 0,
@@ -133,7 +140,17 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-_FREE_FORM = {"method_config", "data.sample_cases"}
+_FREE_FORM = {"method_config", "data.sample_cases", "data.synthesis"}
+
+# data.synthesis: the domain-randomised training data (Training/synthesis/pools.py).
+SYNTHESIS_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "cases_per_pool": 48,        # cases of one pool
+    "pool_epochs": 1,            # epochs that train on one pool before the next
+    "validation_cases": 8,       # fixed validation cases (their own seeds)
+    "ranges": "training",        # Training.synthesis.ranges: 'training' or a shifted test range
+    "background": True,          # make the next pool in a background process
+}
 _ALLOWED = {
     "init": ("random", "pretrained", "auto"),
     "optimizer.name": ("adam", "adamw", "sgd"),
@@ -178,7 +195,8 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``base`` updated by ``update``, nested dicts merged key by key (free-form values replaced)."""
     merged = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("method_config", "sample_cases"):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("method_config", "sample_cases",
+                                                                                         "synthesis"):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
@@ -296,6 +314,34 @@ def _check_values(config: dict[str, Any]) -> None:
         raise TrainingConfigError(f"data.modalities must be a non-empty list of t1, t1ce, t2, flair, not {modalities!r}")
     if config["method"] is None:
         raise TrainingConfigError("the config names no method; set \"method\"")
+    if data["synthesis"] is not None:
+        _check_synthesis(config)
+    if config["init_from"] is not None and not (isinstance(config["init_from"], str) and config["init_from"]):
+        raise TrainingConfigError(f"init_from must be a run folder or a .safetensors file, not {config['init_from']!r}")
+
+
+def _check_synthesis(config: dict[str, Any]) -> None:
+    """data.synthesis: known keys, sane values, filled in with SYNTHESIS_DEFAULTS (in place)."""
+    data = config["data"]
+    unknown = set(data["synthesis"]) - set(SYNTHESIS_DEFAULTS)
+    if unknown:
+        raise TrainingConfigError(f"unknown data.synthesis key(s) {sorted(unknown)} (known: {', '.join(SYNTHESIS_DEFAULTS)})")
+    synthesis = data["synthesis"] = {**SYNTHESIS_DEFAULTS, **data["synthesis"]}
+    for key in ("cases_per_pool", "pool_epochs", "validation_cases"):
+        value = synthesis[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "validation_cases" else 1):
+            raise TrainingConfigError(f"data.synthesis.{key} must be an integer >= {0 if key == 'validation_cases' else 1}, "
+                                      f"not {value!r}")
+    from .synthesis.pools import ranges_named
+
+    try:
+        ranges_named(synthesis["ranges"])
+    except ValueError as error:
+        raise TrainingConfigError(f"data.synthesis.ranges: {error}") from None
+    if data["root"] is not None or data["sample_cases"] is not None:
+        raise TrainingConfigError("data.synthesis replaces a dataset: leave out data.root and data.sample_cases")
+    if config["train"]["steps_per_epoch"] is None:
+        raise TrainingConfigError("data.synthesis needs train.steps_per_epoch (an epoch is that many steps on one pool)")
 
 
 def load_config(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -13,7 +13,9 @@ scores every case with ``metrics.evaluate_labels``. Both write into ``--out``:
   then a ``mean`` and an ``sd`` row (sample standard deviation);
 - ``table.md`` / ``table.csv``: the paper-style table, one row per structure (WT, TC, ET, and NCR,
   ED for BraTS sub-regions; the lesion otherwise), Dice, IoU, precision, sensitivity and NSD in %,
-  HD95 in mm, each as mean +- sd over the cases;
+  HD95 in mm, each as mean +- sd over the cases; when the per-case rows have them (``score``), the
+  BraTS 2023 lesion-wise Dice (%) and HD95 (mm) of WT, TC, ET (or the lesion), mean +- sd, and the
+  TP / FN / FP lesions summed over the cases;
 - ``summary.json``: the same numbers, the number of cases, what was evaluated.
 
 ``compare`` pairs two ``per_case.csv`` files by case and gives, per column, both means, the mean
@@ -37,11 +39,15 @@ import numpy as np
 
 from BrainLesionSAMLib.errors import BrainLesionSAMError
 from BrainLesionSAMLib.io import atomic_output
+from BrainLesionSAMLib.lesion_metrics import LESION_STRUCTURES
 from BrainLesionSAMLib.metrics import METRIC_NAMES, STRUCTURES
 
 SUMMARY_ROWS = ("mean", "sd")
 METRIC_TITLES = {"dice": "Dice (%)", "iou": "IoU (%)", "precision": "Precision (%)",
-                 "sensitivity": "Sensitivity (%)", "hd95_mm": "HD95 (mm)", "nsd": "NSD (%)"}
+                 "sensitivity": "Sensitivity (%)", "hd95_mm": "HD95 (mm)", "nsd": "NSD (%)",
+                 "lesion_dice": "Lesion-wise Dice (%)", "lesion_hd95_mm": "Lesion-wise HD95 (mm)"}
+LESION_SCORES = ("lesion_dice", "lesion_hd95_mm")   # mean +- sd, like the metrics above
+LESION_COUNTS = ("lesion_tp", "lesion_fn", "lesion_fp")  # summed over the cases
 
 
 class EvaluationError(BrainLesionSAMError):
@@ -71,18 +77,29 @@ def label_set_of(columns: Sequence[str]) -> str:
     raise EvaluationError(f"the columns {list(columns)[:6]}... are not BrainLesionSAM metric columns")
 
 
+def has_lesion_wise(rows: list[dict[str, Any]], label_set: str) -> bool:
+    """Whether the case rows carry the lesion-wise columns (``evaluate_folders`` writes them)."""
+    return bool(rows) and all(f"{s}_lesion_dice" in rows[0] for s in LESION_STRUCTURES[label_set])
+
+
 def paper_table(rows: list[dict[str, Any]], label_set: str) -> list[dict[str, Any]]:
     """One entry per structure: {'structure', 'n', '<metric>_mean', '<metric>_sd', ...}; overlap
-    metrics and NSD in %, HD95 in mm."""
+    metrics and NSD in %, HD95 in mm; with lesion-wise columns, also 'lesion_dice_mean' (%),
+    'lesion_hd95_mm_mean' (mm), their '_sd', and 'lesion_tp_total', 'lesion_fn_total', 'lesion_fp_total'
+    for the structures scored lesion-wise."""
     cases = case_rows(rows)
+    lesion_wise = has_lesion_wise(cases, label_set)
     table = []
     for structure in STRUCTURES[label_set]:
         entry: dict[str, Any] = {"structure": structure, "n": len(cases)}
-        for metric in METRIC_NAMES:
+        scored = lesion_wise and structure in LESION_STRUCTURES[label_set]
+        for metric in METRIC_NAMES + (LESION_SCORES if scored else ()):
             values = np.array([float(row[f"{structure}_{metric}"]) for row in cases])
-            scale = 1.0 if metric == "hd95_mm" else 100.0
+            scale = 1.0 if metric.endswith("hd95_mm") else 100.0
             entry[f"{metric}_mean"] = float(values.mean() * scale)
             entry[f"{metric}_sd"] = float(values.std(ddof=1) * scale) if len(values) > 1 else float("nan")
+        for count in LESION_COUNTS if scored else ():
+            entry[f"{count}_total"] = int(sum(float(row[f"{structure}_{count}"]) for row in cases))
         table.append(entry)
     return table
 
@@ -92,11 +109,17 @@ def _cell(mean: float, sd: float) -> str:
 
 
 def table_markdown(table: list[dict[str, Any]], title: str = "") -> str:
-    header = ["Region"] + [METRIC_TITLES[m] for m in METRIC_NAMES]
+    lesion_wise = any("lesion_dice_mean" in entry for entry in table)
+    scores = METRIC_NAMES + (LESION_SCORES if lesion_wise else ())
+    header = ["Region"] + [METRIC_TITLES[m] for m in scores] + (["Lesions TP / FN / FP"] if lesion_wise else [])
     lines = [f"**{title}** (n = {table[0]['n']} cases, mean ± sd)\n" if title else "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
-        cells = [entry["structure"]] + [_cell(entry[f"{m}_mean"], entry[f"{m}_sd"]) for m in METRIC_NAMES]
+        cells = [entry["structure"]] + [_cell(entry[f"{m}_mean"], entry[f"{m}_sd"]) if f"{m}_mean" in entry else "–"
+                                        for m in scores]
+        if lesion_wise:
+            cells.append(" / ".join(str(entry[f"{c}_total"]) for c in LESION_COUNTS)
+                         if "lesion_tp_total" in entry else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(line for line in lines if line) + "\n"
 
@@ -138,8 +161,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], label_set: str, descrip
     from BrainLesionSAMLib.metrics import result_columns
 
     out.mkdir(parents=True, exist_ok=True)
-    columns = result_columns(label_set)
     cases = case_rows(rows)
+    columns = result_columns(label_set, lesion_wise=has_lesion_wise(cases, label_set))
     if not cases:
         raise EvaluationError("no case was evaluated")
     table = paper_table(cases, label_set)

@@ -97,7 +97,7 @@ class TrainingSamples(Dataset):
         self.cases: list[CachedCase] = []
         skipped = []
         for case_id in case_ids:
-            case = CachedCase.open(data["cache"], case_id)
+            case = CachedCase.open(cache_dir, case_id)
             given = [m for m, a in zip(MODALITIES, case.available) if a and m in wanted]
             if not case.meta["has_labels"] or not given or not set(facts.required_modalities) <= set(given):
                 skipped.append(case_id)

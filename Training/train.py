@@ -6,10 +6,15 @@
     brainlesionsam-train --config cmaa data.root=... --prepare-only   # cache + split file only
     brainlesionsam-train --export runs/cmaa --out cmaa_brats21.safetensors --url https://...
     brainlesionsam-train --list-configs
+    brainlesionsam-train --config mome_experts data.root=...              # MoME stage 1: the experts
+    brainlesionsam-train --config mome data.root=... --init-from runs/mome_experts   # stage 2
 
 Overrides are ``section.key=value`` (JSON values). A run folder (``output.dir``, default
 ``runs/<config>``) that holds training checkpoints is resumed from its newest one, exactly where it
-stopped; ``--no-resume`` refuses such a folder instead. Exit status: 0 done, 1 a user error (the
+stopped; ``--no-resume`` refuses such a folder instead. ``--init-from RUN`` (config ``init_from``)
+starts a new run from the weights of a finished run (its ``final.safetensors``, or a given
+``.safetensors`` file): every tensor, loaded exactly; optimiser, schedule and step start afresh.
+Exit status: 0 done, 1 a user error (the
 message says what to do), 2 bad arguments, 130 interrupted.
 """
 from __future__ import annotations
@@ -33,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="section.key=value (JSON value), e.g. train.max_steps=10")
     parser.add_argument("--prepare-only", action="store_true", help="prepare the cache and the split file, then stop")
     parser.add_argument("--no-resume", action="store_true", help="refuse a run folder that holds checkpoints")
+    parser.add_argument("--init-from", type=Path, metavar="RUN",
+                        help="start from the weights of a finished run folder (final.safetensors) or a .safetensors "
+                             "file (a new run, not a resume; e.g. MoME's stage 2 from its experts' run)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     export = parser.add_argument_group("export")
     export.add_argument("--out", type=Path, help="release checkpoint to write (.safetensors)")
@@ -81,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from .config import load_config
         from .trainer import Trainer
 
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.init_from is not None:   # absolute, so the run's config.json names it from anywhere
+            overrides.append(f"init_from={json.dumps(str(args.init_from.absolute()))}")
+        config = load_config(args.config, overrides)
         if args.print_config:
             print(json.dumps(config, indent=1))
             return 0

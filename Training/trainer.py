@@ -83,6 +83,15 @@ def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(config["output"]["dir"] or Path("runs") / config["name"]).absolute()
     config["output"]["dir"] = str(run_dir)
     base = run_dir.parent / "cache"
+    if data["synthesis"] is not None:
+        from .synthesis import SYNTHESISER_VERSION
+
+        synthesis = data["synthesis"]
+        tag = f"synthesis_v{SYNTHESISER_VERSION}_seed{synthesis['seed']}_{synthesis['ranges']}"
+        data["cache"] = str(Path(data["cache"] or base / tag).absolute())
+        data["root"] = data["cache"]  # nothing is read from a dataset folder
+        data["splits"] = None         # the validation cases are the synthesis's own (no split file)
+        return config
     if data["root"] is None:
         if data["sample_cases"] is None:
             raise TrainingConfigError(
@@ -122,6 +131,8 @@ class Trainer:
         self.context: distributed.Context | None = None
         self.logger: RunLogger | None = None
         self.initial_digest: str | None = None
+        self.validation_cache = Path(config["data"]["cache"])  # synthesis: its validation pool's folder
+        self.pools = None  # data.synthesis: the PoolMaker
 
     # -- logging ------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -136,6 +147,8 @@ class Trainer:
         """Generate sample cases if asked, fill the cache (work shared by all ranks), make or read the
         split file; returns {'train', 'validation', 'test'} case ids of the configured fold."""
         context, data = self.context, self.config["data"]
+        if data["synthesis"] is not None:
+            return self._prepare_synthesis()
         sample = data["sample_cases"]
         if sample is not None and context.is_main:
             from BrainLesionSAMLib.sample import generate_cases
@@ -163,6 +176,40 @@ class Trainer:
         splits = read_splits(splits_path, known_cases=[s.case_id for s in sources])
         return select_fold(splits, data["fold"] if data["folds"] >= 2 else None)
 
+    def _prepare_synthesis(self) -> dict[str, list[str]]:
+        """data.synthesis: the fixed validation cases now (every rank waits for them); the training
+        pools as the epochs need them (``_pool_samples``)."""
+        from .synthesis.pools import VALIDATION_POOL, PoolMaker, pool_folder, write_pool
+
+        context, synthesis = self.context, self.config["data"]["synthesis"]
+        cache = self.config["data"]["cache"]
+        self.validation_cache = pool_folder(cache, VALIDATION_POOL)
+        validation = []
+        if synthesis["validation_cases"]:
+            if context.is_main:
+                self.log(f"synthesis: {synthesis['validation_cases']} validation case(s) in {self.validation_cache}")
+                write_pool(cache, synthesis["seed"], VALIDATION_POOL, synthesis["validation_cases"], "training", self.log)
+            distributed.barrier(context)
+            from .synthesis.pools import case_ids
+
+            validation = case_ids(VALIDATION_POOL, synthesis["validation_cases"])
+        # Rank 0 writes the pools (one background process); the others wait at the barrier.
+        self.pools = PoolMaker(cache, synthesis["seed"], synthesis["cases_per_pool"], synthesis["ranges"],
+                               log=self.log, background=synthesis["background"] and context.is_main)
+        return {"train": [], "validation": validation, "test": []}
+
+    def _pool_samples(self, pool: int, facts) -> tuple[TrainingSamples, list[str]]:
+        from .synthesis.pools import case_ids, pool_folder
+
+        context = self.context
+        if context.is_main:
+            self.pools.ready(pool)
+        distributed.barrier(context)
+        ids = case_ids(pool, self.config["data"]["synthesis"]["cases_per_pool"])
+        dataset = TrainingSamples(pool_folder(self.config["data"]["cache"], pool), ids, facts, self.config["data"],
+                                  self.config["augmentation"], log=self.log)
+        return dataset, ids
+
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         config, train = self.config, self.config["train"]
@@ -178,6 +225,8 @@ class Trainer:
             return self._run(cls)
         finally:
             torch.set_num_threads(threads)  # a caller's process (a notebook, a test run) keeps its setting
+            if self.pools is not None:
+                self.pools.close()  # a pool still being made for an epoch that will not come
             if self.logger is not None:
                 self.logger.close()
             distributed.teardown(context)
@@ -192,7 +241,37 @@ class Trainer:
                 raise TrainingConfigError(f"method '{cls.facts.name}' has no pretrained weights; use \"init\": \"random\"")
             if method is not None:
                 self.log(f"initial weights: {cls.facts.name}.pretrained()")
-        return method if method is not None else cls(**config["method_config"])
+        method = method if method is not None else cls(**config["method_config"])
+        if config["init_from"] is not None:
+            if self.resume and any(self.run_dir.glob("checkpoints/step_*.pt")):
+                # Resuming: the run's own checkpoint replaces every weight (init_from only started it).
+                self.log(f"init_from {config['init_from']}: not read, the run resumes from its own checkpoint")
+            else:
+                self._load_initial_weights(method, config["init_from"])
+        return method
+
+    def _load_initial_weights(self, method: SegmentationMethod, source: str) -> None:
+        """``init_from``: every tensor of the method from a run's ``final.safetensors`` (or the given
+        ``.safetensors`` file), checked against its sha256; a new run starts from them (not a resume:
+        optimiser, schedule and step start afresh)."""
+        from BrainLesionSAMLib.checkpoints import load_checkpoint
+        from BrainLesionSAMLib.errors import WeightsError
+
+        path = Path(source)
+        path = path / "final.safetensors" if path.is_dir() else path
+        if not path.is_file():
+            raise TrainingConfigError(f"init_from: {path} does not exist; give a finished run folder (one that "
+                                      "holds final.safetensors) or a .safetensors checkpoint")
+        try:
+            state, header = load_checkpoint(path, expected_method=method.facts.name)
+            method.load_state_dict(state, strict=True)
+        except (WeightsError, RuntimeError) as error:
+            raise TrainingConfigError(f"init_from {path} does not fit method '{method.facts.name}' as configured "
+                                      f"here: {error}") from None
+        if tensors_sha256(method.state_dict()) != header["sha256"]:
+            raise TrainingError(f"init_from {path}: the loaded weights differ from the file's (dtype conversion?)")
+        self.log(f"initial weights: {path} (config {header.get('training_config')}, "
+                 f"{header.get('training_steps')} steps, sha256 {header['sha256'][:12]})")
 
     def _run(self, cls) -> dict[str, Any]:
         config, train, context = self.config, self.config["train"], self.context
@@ -219,8 +298,15 @@ class Trainer:
         # a box-prompt method segments on).
         method = self._build_method(cls)
         facts = method.facts
-        dataset = TrainingSamples(config["data"]["cache"], split["train"], facts, config["data"],
-                                  config["augmentation"], log=self.log)
+        synthesis = config["data"]["synthesis"]
+        pool_epochs = synthesis["pool_epochs"] if synthesis is not None else None
+        first_epoch = int(state["step"]) // train["steps_per_epoch"] if (state is not None and synthesis) else 0
+        pool = first_epoch // pool_epochs if synthesis is not None else None
+        if synthesis is not None:
+            dataset, _ = self._pool_samples(pool, facts)
+        else:
+            dataset = TrainingSamples(config["data"]["cache"], split["train"], facts, config["data"],
+                                      config["augmentation"], log=self.log)
         batch, accumulation = train["batch_size"], train["accumulation_steps"]
         samples_per_epoch = None
         if train["steps_per_epoch"] is not None:
@@ -237,10 +323,17 @@ class Trainer:
         total_steps = train["max_steps"] or train["epochs"] * steps_per_epoch
         epochs = math.ceil(total_steps / steps_per_epoch)
         generator = torch.Generator().manual_seed(train["seed"])  # keeps DataLoader seeding off the global RNG
-        loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=train["num_workers"],
-                            drop_last=True, generator=generator, pin_memory=context.device.type == "cuda",
-                            persistent_workers=False)
+
+        def make_loader(dataset: TrainingSamples, sampler: BalancedDistributedSampler) -> DataLoader:
+            return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=train["num_workers"],
+                              drop_last=True, generator=generator, pin_memory=context.device.type == "cuda",
+                              persistent_workers=False)
+
+        loader = make_loader(dataset, sampler)
         validation_cases = split["validation"][: config["validation"]["max_cases"] or None]
+        if synthesis is not None:
+            self.log(f"synthesis: a pool of {synthesis['cases_per_pool']} new case(s) every {pool_epochs} epoch(s), "
+                     f"seed {synthesis['seed']}, ranges '{synthesis['ranges']}'")
         self.log(f"{len(dataset.cases)} training case(s), {per_process * context.world_size} samples per epoch, "
                  f"{steps_per_epoch} step(s) per epoch of {batch} x {accumulation} x {context.world_size} samples; "
                  f"{total_steps} step(s) = {epochs} epoch(s); {len(validation_cases)} validation case(s)")
@@ -294,6 +387,15 @@ class Trainer:
 
         while step < total_steps and not stop:
             epoch = step // steps_per_epoch
+            if synthesis is not None and epoch // pool_epochs != pool:
+                # A new pool: its cases replace the last pool's (the sampler keeps its seed and epoch
+                # numbering, so the draw order is a function of the step alone, as without synthesis).
+                pool = epoch // pool_epochs
+                dataset, _ = self._pool_samples(pool, facts)
+                sampler = BalancedDistributedSampler(dataset, context.world_size, context.rank, seed=train["seed"],
+                                                     background_ratio=config["data"]["background_ratio"],
+                                                     samples_per_epoch=samples_per_epoch)
+                loader = make_loader(dataset, sampler)
             sampler.set_epoch(epoch)
             sampler.set_start((step % steps_per_epoch) * batch * accumulation)
             batches = iter(loader)
@@ -353,7 +455,8 @@ class Trainer:
                    "device": str(context.device), "amp": amp, "seconds": round(time.perf_counter() - started, 3),
                    "best": best, "initial_weight_sha256": self.initial_digest, "rank_weight_sha256": digests, "stopped_early": stop,
                    "tensorboard": bool(self.logger and self.logger.tensorboard is not None),
-                   "train_cases": len(dataset.cases), "validation_cases": len(validation_cases)}
+                   "train_cases": self._train_case_count(dataset, step, steps_per_epoch),
+                   "validation_cases": len(validation_cases)}
         if context.is_main:
             final = save_checkpoint(method, self.run_dir / "final.safetensors",
                                     training_data=self._training_data(dataset, step),
@@ -364,8 +467,25 @@ class Trainer:
         distributed.barrier(context)
         return summary
 
+    def _train_case_count(self, dataset: TrainingSamples, step: int, steps_per_epoch: int) -> int:
+        """Distinct training cases the run has used (synthesis: every pool so far)."""
+        synthesis = self.config["data"]["synthesis"]
+        if synthesis is None:
+            return len(dataset.cases)
+        pools = (max(step - 1, 0) // steps_per_epoch) // synthesis["pool_epochs"] + 1
+        return pools * synthesis["cases_per_pool"]
+
     def _training_data(self, dataset: TrainingSamples, step: int) -> str:
         data = self.config["data"]
+        if data["synthesis"] is not None:
+            from .synthesis import SYNTHESISER_VERSION
+
+            synthesis = data["synthesis"]
+            steps_per_epoch = self.config["train"]["steps_per_epoch"]
+            return (f"Training.synthesis v{SYNTHESISER_VERSION} (ranges '{synthesis['ranges']}', seed "
+                    f"{synthesis['seed']}): {self._train_case_count(dataset, step, steps_per_epoch)} synthetic cases, "
+                    f"{synthesis['cases_per_pool']} per pool of {synthesis['pool_epochs']} epoch(s); "
+                    f"config {self.config['name']}, {step} steps")
         fold = f", fold {data['fold']} of {data['folds']}" if data["folds"] >= 2 else ""
         return (f"{data['root']}: {len(dataset.cases)} training cases (split {Path(data['splits']).name}{fold}); "
                 f"config {self.config['name']}, {step} steps")
@@ -390,7 +510,7 @@ class Trainer:
         distributed.broadcast_buffers(context, method)
         devices = [context.device] if context.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # validation must not shift the training's random draws
-            rows = validate(method, config["data"]["cache"], case_ids[context.rank::context.world_size],
+            rows = validate(method, self.validation_cache, case_ids[context.rank::context.world_size],
                             context.device, config["validation"]["batch_size"], amp=config["train"]["amp"] != "none",
                             modalities=config["data"]["modalities"])
         method.train()

@@ -24,6 +24,17 @@ modules cost on the ``lite`` backbone's 256 x 256 grid.
     training forward on one image: the activations it keeps for the backward pass. A whole lite
     training step (``--lite-step-batch N``, off by default) needs about four times the latter per
     slice, more than a shared 24 GB machine has free at batch 2.
+
+The fusion-feedback study (issue 24; ``--feedback-study``, figures in docs/decisions.md), on the
+``lite`` backbone with the real LiteMedSAM weights (no SAM ViT-B weights exist offline):
+
+- ``rms``: token RMS of the streams after every block (what the next block receives, feedback
+  included; block 12: its output) for each ``fusion_feedback`` rule, one four-modality lesion slice
+  of a generated 2 mm case, untrained DMIF modules (seed 0, identical for every rule);
+- ``train``: a SHORT training at equal budget per rule: two streams (T1CE, FLAIR, as the smoke
+  config), batch 1, Adam 1e-4 (the paper's), the same lesion slices of three generated 2 mm cases
+  in the same order for every rule, no augmentation; FocalDice loss and whole-lesion Dice (pooled)
+  on the four most-lesioned slices of a fourth case before and after.
 """
 from __future__ import annotations
 
@@ -106,7 +117,7 @@ def lite_dmif_memory() -> None:
 
 def tinyvit_stream_memory() -> None:
     """Child process: what one TinyViT stream keeps for the backward pass (one 256 x 256 image)."""
-    from BrainLesionSAMLib.backbones.base import build_backbone
+    from BrainLesionSAMLib.backbones import build_backbone
 
     backbone = build_backbone("lite", 256).train()
     before = _status_gib("VmRSS")
@@ -114,6 +125,111 @@ def tinyvit_stream_memory() -> None:
     held = _status_gib("VmRSS") - before
     print(f"lite: one TinyViT stream's training forward on one image keeps {held:.2f} GiB for the backward "
           f"pass (embedding {tuple(embedding.shape)}); four streams: ~{4 * held:.1f} GiB per slice")
+
+
+FEEDBACK_STUDY_RULES = ("add", "average", "gated", "none")
+
+
+def _rms(streams: dict[int, torch.Tensor]) -> float:
+    return float(torch.stack([x.float().square().mean() for x in streams.values()]).mean().sqrt())
+
+
+def stream_rms_per_block(model: BrainSegDMIF, images: torch.Tensor, available: torch.Tensor) -> list[float]:
+    """Token RMS of the streams after each block: the input of blocks 2..N (feedback included) and
+    block N's output, from one forward pass (eval, no grad)."""
+    seen: list[float] = []
+    run_block, last = model._run_block, model.backbone.num_blocks - 1
+
+    def recording(index: int, streams: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if index > 0:
+            seen.append(_rms(streams))
+        out = run_block(index, streams)
+        if index == last:
+            seen.append(_rms(out))
+        return out
+
+    model._run_block = recording   # instance attribute, removed again below
+    try:
+        with torch.no_grad():
+            model(images, available)
+    finally:
+        del model._run_block
+    return seen
+
+
+def _lesion_slices(seed: int, count: int | None = None):
+    """A generated 2 mm case: (network slices [n, 4, 256, 256], available [n, 4], whole-lesion
+    targets [n, 256, 256]) of its lesion slices (the ``count`` most lesioned, or all)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from BrainLesionSAMLib.preprocessing import prepare_case
+    from BrainLesionSAMLib.sample import SampleParameters, generate_case
+
+    images = generate_case(SampleParameters.random(seed, resolution=2))
+    seg = sitk.GetArrayFromImage(images.pop("seg"))
+    case = prepare_case(images)
+    area = (seg > 0).sum(axis=(1, 2))
+    z = [int(i) for i in (np.argsort(area)[::-1][:count] if count else np.nonzero(area)[0])]
+    target = case.slice_geometry.to_network(seg[z][:, None].astype(np.float32), nearest=True)[:, 0] > 0
+    available = torch.as_tensor(case.available)[None].expand(len(z), -1)
+    return case.network_slices(z), available, target.long()
+
+
+def feedback_rms(rules=FEEDBACK_STUDY_RULES) -> None:
+    images, available, _ = _lesion_slices(3, count=1)
+    for rule in rules:
+        torch.manual_seed(0)
+        model = BrainSegDMIF(backbone="lite", fusion_feedback=rule).eval()
+        values = stream_rms_per_block(model, images, available)
+        print(f"feedback {rule:8s} stream RMS after blocks 1-12: " + " ".join(f"{v:.3g}" for v in values))
+
+
+def _evaluate(model: BrainSegDMIF, batch) -> tuple[float, float]:
+    """(FocalDice loss, pooled whole-lesion Dice) on a batch of slices, eval mode."""
+    images, available, target = batch
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(images[i:i + 1], available[i:i + 1]) for i in range(len(images))])
+        loss = float(model.loss(logits, target))
+    predicted = logits.argmax(dim=1) > 0
+    truth = target > 0
+    dice = float(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()).clamp_min(1))
+    return loss, dice
+
+
+def feedback_training(steps: int, rules=("add", "average", "gated")) -> None:
+    import numpy as np
+
+    parts = [_lesion_slices(seed) for seed in (100, 101, 102)]
+    train = tuple(torch.cat([p[k] for p in parts]) for k in range(3))
+    order = np.random.default_rng(0).permutation(len(train[0]))[:steps]
+    validation = _lesion_slices(103, count=4)
+    print(f"short training: {steps} steps of batch 1 from {len(train[0])} lesion slices of 3 cases; "
+          f"validation: 4 slices of a fourth case ({int(validation[2].sum())} lesion pixels)")
+    for rule in rules:
+        torch.manual_seed(0)
+        model = BrainSegDMIF(backbone="lite", modalities=["t1ce", "flair"], fusion_feedback=rule)
+        optimiser = torch.optim.Adam(model.parameters(), lr=model.config["learning_rate"])
+        before = _evaluate(model, validation)
+        model.train()
+        losses, started = [], time.process_time()
+        torch.manual_seed(1)
+        for index in order.tolist():
+            batch = {"images": train[0][index:index + 1], "available": train[1][index:index + 1],
+                     "target": train[2][index:index + 1]}
+            loss = model.training_loss(batch)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+        seconds = (time.process_time() - started) / steps
+        after = _evaluate(model, validation)
+        quarter = max(1, steps // 4)
+        print(f"feedback {rule:8s}: validation loss {before[0]:.4f} -> {after[0]:.4f}, Dice {before[1]:.4f} -> "
+              f"{after[1]:.4f}; training loss first {quarter} steps {np.mean(losses[:quarter]):.4f}, last {quarter} "
+              f"{np.mean(losses[-quarter:]):.4f}; {seconds:.1f} CPU s per step; losses "
+              + " ".join(f"{v:.3f}" for v in losses))
 
 
 def main() -> None:
@@ -124,8 +240,17 @@ def main() -> None:
     parser.add_argument("--lite-step-batch", type=int, default=0,
                         help="also a whole lite training step at this batch size (0: no)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--feedback-study", choices=("rms", "train"),
+                        help="only the fusion-feedback study (see the module docstring)")
+    parser.add_argument("--steps", type=int, default=16, help="--feedback-study train: steps per rule")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.feedback_study == "rms":
+        feedback_rms()
+        return
+    if args.feedback_study == "train":
+        feedback_training(args.steps)
+        return
     if args.memory_child:
         if args.memory_child == "dmif-lite":
             lite_dmif_memory()

@@ -8,7 +8,12 @@ Prints, per configuration, the median wall-clock seconds per slice of ``--repeat
 warm-up) and the process CPU seconds per slice (the steadier figure on a shared machine), plus the frozen backbone's own encoder time on the
 same input for comparison (what the adapters add). Random ViT-B weights (no SAM weights offline),
 the real LiteMedSAM weights: the time does not depend on the values. The default config is the
-paper's (MLP ratio 4, interactions after blocks 2, 5, 8, 11).
+paper's (MLP ratio 4, interactions after blocks 2, 5, 8, 11); the ``-every`` configurations put the
+bilateral cross-attention after every block (``interaction_blocks: 'every_block'``), the paper's
+literal reading, to measure what it costs. ``train`` is one training step's forward + backward
+(``training_loss`` in train mode, dropout on, a box-shaped lesion); when a configuration and its
+``-every`` variant both run, a last line gives every-block / four-stage ratios of the parameter
+counts and of the encode and training-step CPU times (``--no-train``: encode and decode only).
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ CONFIGS = {
     "vit_b-1024": {"backbone": "vit_b", "image_size": 1024},
     "vit_b-256": {"backbone": "vit_b", "image_size": 256},
     "lite": {"backbone": "lite"},
+    # The paper's literal "fusion of the output features of each block": cross-attention after all 12.
+    "vit_b-256-every": {"backbone": "vit_b", "image_size": 256, "interaction_blocks": "every_block"},
+    "lite-every": {"backbone": "lite", "interaction_blocks": "every_block"},
 }
 
 
@@ -45,6 +53,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -53,6 +62,10 @@ def main() -> None:
     images = 255 * torch.rand(args.batch, 4, 256, 256)
     available = torch.ones(args.batch, 4, dtype=torch.bool)
     boxes = torch.tensor([[60.0, 70.0, 180.0, 200.0]]).repeat(args.batch, 1)
+    target = torch.zeros(args.batch, 256, 256, dtype=torch.long)
+    target[:, 90:180, 80:160] = 1
+    batch = {"images": images, "available": available, "target": target, "boxes": boxes}
+    measured: dict[str, dict[str, float]] = {}
     for name in args.configs:
         model = DBSAM(**CONFIGS[name]).eval()
         counts = model.parameter_counts()
@@ -73,6 +86,27 @@ def main() -> None:
         print(f"  encode  {encode[0] / per:8.3f} s per slice (CPU {encode[1] / per:8.3f} s)   "
               f"[frozen {backbone.name} encoder alone: {plain[0] / per:.3f} s, CPU {plain[1] / per:.3f} s]")
         print(f"  decode  {decode[0] / per:8.3f} s per slice (CPU {decode[1] / per:8.3f} s)   (box refinement)")
+        measured[name] = {"total": counts["total"], "trainable": counts["trainable"], "encode": encode[1]}
+        if not args.no_train:
+            model.train()
+
+            def step() -> None:
+                model.zero_grad(set_to_none=True)
+                model.training_loss(batch).backward()
+
+            train = timed(step, args.repeats)
+            measured[name]["train"] = train[1]
+            print(f"  train   {train[0] / per:8.3f} s per slice (CPU {train[1] / per:8.3f} s)   "
+                  "(one step: forward + backward)")
+        del model
+    for name in args.configs:
+        every, base = measured.get(f"{name}-every"), measured[name]
+        if every is None:
+            continue
+        ratios = ", ".join(f"{key} {every[key] / base[key]:.2f}x" for key in ("total", "trainable", "encode", "train")
+                           if key in base and key in every)
+        print(f"dbsam {name}-every / {name} (every block / four stages): {ratios} "
+              f"(+{every['total'] - base['total']:,} parameters)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
    folder; ``docs/phantom_study.md`` is rebuilt from the whole study (see that page).
 2. Exports the run's final weights in the release format to
    ``BrainLesionSAMLib/weights/unet2d_sample.safetensors`` and prints the ``sha256`` and ``size``
-   that the ``unet2d-sample-v1`` entry of ``BrainLesionSAM/Resources/Models.json`` must carry.
+   that the ``unet2d-sample-v1`` entry of ``BrainLesionSAMLib/Models.json`` must carry.
 
 The study trains and tests on generated cases with seeds from ``sample.STUDY_SEEDS_FROM`` on, so the
 demo's case and the tests' cases are never seen in training.

@@ -207,7 +207,7 @@ class SegmentationLogic:
     """No Qt: the scene is given; nodes are created in it only by ``Job.finish`` / blocking calls.
 
     cacheFolder: weights cache (None: $BRAINLESIONSAM_CACHE, else ~/.brainlesionsam/models).
-    catalogue: a ``BrainLesionSAMLib.catalogue.Catalogue`` (None: the extension's Resources/Models.json).
+    catalogue: a ``BrainLesionSAMLib.catalogue.Catalogue`` (None: the library's Models.json).
     """
 
     def __init__(self, scene, cacheFolder: str | os.PathLike | None = None, catalogue=None, batchSize: int | None = None):
@@ -229,7 +229,7 @@ class SegmentationLogic:
         if self._catalogue is None and not self._catalogueError:
             from BrainLesionSAMLib.catalogue import load_catalogue
             try:
-                self._catalogue = load_catalogue(Path(mrml.__file__).resolve().parent.parent / "Resources" / "Models.json")
+                self._catalogue = load_catalogue()  # the library's Models.json (package data)
             except BrainLesionSAMError as error:
                 self._catalogueError = str(error)
         return self._catalogue

@@ -28,6 +28,7 @@ from vtk.util import numpy_support
 from BrainLesionSAMLib.conventions import LABEL_COLORS, LABEL_NAMES, LABEL_SETS, MODALITIES, REGIONS
 from BrainLesionSAMLib.errors import GeometryError, InputImageError, OutputPathError
 from BrainLesionSAMLib.io import atomic_output, modality_from_name
+from BrainLesionSAMLib.terminology import ANATOMIC_REGION, SEGMENT_CATEGORY, SEGMENT_TYPES, Code
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
@@ -39,18 +40,20 @@ METHOD_TAG = "BrainLesionSAM.Method"            # method that made (or last refi
 SEGMENT_KEYS = {"brats": {1: "NCR", 2: "ED", 4: "ET"}, "lesion": {1: "Lesion"}}
 
 # Standard terminology (Slicer's serialized terminology entry: context~category~type~type modifier~
-# anatomic context~anatomic region~region modifier, each code 'scheme^value^meaning'). The codes are
-# those of DICOM CID 7168 "Brain Lesion Segmentation Type With Necrosis": necrosis SCT 6574001,
-# edema SCT 79654002, enhancing lesion NCIt C113842; one lesion class is SCT 52988006 "Lesion".
-# Category SCT 49755003 "Morphologically Altered Structure"; anatomic region SCT 12738006 "Brain".
+# anatomic context~anatomic region~region modifier, each code 'scheme^value^meaning'). The codes
+# (DICOM CID 7168) are the library's, shared with its DICOM SEG output: BrainLesionSAMLib.terminology.
 _TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-_CATEGORY = "SCT^49755003^Morphologically Altered Structure"
-_BRAIN = "SCT^12738006^Brain"
-TERMINOLOGY_TYPES = {
-    "brats": {1: "SCT^6574001^Necrosis", 2: "SCT^79654002^Edema", 4: "NCIt^C113842^Enhancing Lesion"},
-    "lesion": {1: "SCT^52988006^Lesion"},
-}
+
+
+def _serialized(code: Code) -> str:
+    return "^".join(code)
+
+
+_CATEGORY = _serialized(SEGMENT_CATEGORY)
+_BRAIN = _serialized(ANATOMIC_REGION)
+TERMINOLOGY_TYPES = {labelSet: {value: _serialized(code) for value, code in types.items()}
+                     for labelSet, types in SEGMENT_TYPES.items()}
 
 
 def terminologyEntry(labelSet: str, value: int) -> str:

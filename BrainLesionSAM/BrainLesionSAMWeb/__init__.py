@@ -8,9 +8,9 @@ and 3D views in plain Python on the ``slicer-core`` wheel and streams the render
                   server, no trame widgets (tested with off-screen views and PNG dumps)
     rendering.py  headless VTK rendering (EGL), multisampling off, view dumps
     app.py        the trame page: four views and the side panel, wired to a WebSession
-    server.py     ``brainlesionsam web``: host guard, start and idle shutdown
+    server.py     ``brainlesionsam-web`` (this package's console script): host guard, start and idle shutdown
 
-Install with the ``web`` extra (``pip install -e ".[web]"``), then ``brainlesionsam web``.
+Install with the ``web`` extra (``pip install -e ".[web]"``), then ``brainlesionsam-web``.
 """
 import os
 import sys

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from BrainLesionSAMLib.conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from BrainLesionSAMLib.errors import BrainLesionSAMError, CancelledError
+from BrainLesionSAMLib.methods import DEFAULT_METHOD
 
 from .rendering import disable_multisampling
 from .session import FilesExistError, WebSession
@@ -70,7 +71,7 @@ class WebApp:
         session = self.session
         methods = session.methods()
         devices, device_summary = session.logic.devices()
-        default_method = "unet2d" if any(m.name == "unet2d" for m in methods) else (methods[0].name if methods else "")
+        default_method = DEFAULT_METHOD if any(m.name == DEFAULT_METHOD for m in methods) else (methods[0].name if methods else "")
         promptable = [m for m in methods if m.promptable]
         self.state.update({
             "trame__title": "BrainLesionSAM",

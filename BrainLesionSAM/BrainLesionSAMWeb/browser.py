@@ -57,9 +57,9 @@ class Server:
 
 def start_server(data_dir: Path, out_dir: Path, log: Path, idle_exit_s: float = 60, host: str = "127.0.0.1",
                  extra: tuple[str, ...] = (), timeout_s: float = 600, cwd: Path | None = None) -> Server:
-    """``brainlesionsam web`` in a subprocess on a free port; returns once it prints its ready line.
+    """``brainlesionsam-web`` in a subprocess on a free port; returns once it prints its ready line.
     ``idle_exit_s`` makes it stop by itself once no page has been connected for that long."""
-    command = [sys.executable, "-m", "BrainLesionSAMLib.cli", "web", "--host", host, "--port", "0",
+    command = [sys.executable, "-m", "BrainLesionSAMWeb.server", "--host", host, "--port", "0",
                "--data", str(data_dir), "--out", str(out_dir), "--idle-exit", str(idle_exit_s), *extra]
     start = time.perf_counter()
     with open(log, "wb") as handle:

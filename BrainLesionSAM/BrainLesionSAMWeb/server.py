@@ -1,4 +1,5 @@
-"""``brainlesionsam web``: start the page's server.
+"""``brainlesionsam-web``: start the page's server (the package's own console script; the library
+knows no front end).
 
 The page has no authentication: whoever reaches the port can read the cases under ``--data``, run
 segmentations and write files where the server process may. So it binds to 127.0.0.1 unless
@@ -70,4 +71,28 @@ def serve(args: argparse.Namespace) -> int:
     app.server.controller.on_server_ready.add(ready)
     app.start(host=args.host, port=args.port, idle_exit_s=args.idle_exit)
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainlesionsam-web", description="BrainLesionSAM's Segment panel in a "
+                                     "browser, on trame-slicer (needs the 'web' extra).")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1); another one needs --allow-remote")
+    parser.add_argument("--allow-remote", action="store_true", help="serve on a non-loopback --host: NO authentication")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    parser.add_argument("--data", type=Path, help="folder of case folders for the case picker")
+    parser.add_argument("--out", type=Path, help="default folder for Save (default ./brainlesionsam-web-output)")
+    parser.add_argument("--idle-exit", type=float, default=0, metavar="SECONDS",
+                        help="stop when no page has been connected for this long (default 0: never)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from BrainLesionSAMLib.cli import run_command
+
+    return run_command(serve, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 

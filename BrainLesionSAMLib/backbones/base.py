@@ -1,6 +1,7 @@
 """What the 2D SAM-based methods use of a backbone, so that each of them runs on either one.
 
-Two backbones implement :class:`SamBackbone` (``build_backbone`` picks one by name):
+Two backbones implement :class:`SamBackbone` (``backbones.build_backbone`` picks one by name; it
+lives in the package, not here, because the backbones import this module):
 
 - ``vit_b``: SAM ViT-B (:class:`~.sam_vit.SamViTB`), the papers' backbone. 12 transformer blocks of
   width 768 on a 16 x 16 token grid at 256 input; embedding [256, 16, 16]. Weights: a SAM or MedSAM
@@ -21,7 +22,6 @@ channels). ``encode`` = all three in a row and equals the encoder's own forward.
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Callable
 
 import torch
@@ -124,36 +124,3 @@ class SamBackbone(nn.Module, abc.ABC):
         """[B, 3, S, S] images on the 0-255 scale (+ boxes [B, 4]) -> low-res mask logits."""
         self.check_images(images)
         return self.decode(self.encode(self.normalize(images)), boxes)
-
-
-def build_backbone(name: str, image_size: int = 256, weights: str | os.PathLike | None = None,
-                   method: str = "this method") -> SamBackbone:
-    """The backbone ``name`` ('vit_b' or 'lite') at ``image_size`` with its initial weights.
-
-    ``vit_b``: ``weights`` is a SAM / MedSAM ViT-B ``.pth`` (every tensor must load; unexpected
-    keys only warn); None leaves it random (tests, or before loading one of our checkpoints).
-    ``lite``: ``weights`` is a LiteMedSAM-layout ``.pth``; None loads the packaged
-    ``lite_medsam.pth``. Only 256 input (TinyViT's 64 x 64 grid is built in).
-    """
-    if name == "vit_b":
-        import warnings
-
-        from ..errors import WeightsError
-        from .sam_vit import SamViTB, load_sam_weights
-
-        backbone = SamViTB(image_size)
-        if weights:
-            report = load_sam_weights(backbone, weights)
-            if report.missing_keys:
-                raise WeightsError(report.summary())
-            if report.unexpected_keys:
-                warnings.warn(report.summary(), stacklevel=2)
-        return backbone
-    if name == "lite":
-        from .litemedsam import IMAGE_SIZE, build_lite_medsam
-
-        if image_size != IMAGE_SIZE:
-            raise ValueError(f"{method}: the 'lite' backbone (LiteMedSAM) takes {IMAGE_SIZE} x {IMAGE_SIZE} "
-                             f"input only, not {image_size}; use image_size {IMAGE_SIZE} or backbone 'vit_b'")
-        return build_lite_medsam(pretrained=True, checkpoint=weights)
-    raise ValueError(f"{method}: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -112,7 +112,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.base import SamBackbone, build_backbone
+from ..backbones import SamBackbone, build_backbone
 from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from ..errors import MissingModalityError
 from .base import MethodFacts, SegmentationMethod, register_method
@@ -120,7 +120,7 @@ from .brainsegdmif_modules import (DECODER_DIM, DynamicModalInteractiveFusion, F
                                    LayerByLayerUpsamplingDecoder, PromptGenerator, fusion_hidden_width)
 
 HEADS = {"lesion": 1, "brats": 4}   # head -> number of output masks (= classes of its label set)
-FEEDBACK_RULES = ("add", "average", "none")
+FEEDBACK_RULES = ("gated", "add", "average", "none")
 SWITCHES = ("dmif", "prompt_generator", "upsampling_decoder")
 
 
@@ -158,7 +158,7 @@ class BrainSegDMIF(SegmentationMethod):
         "upsampling_decoder": True,
         "fusion_reduction": 8,          # DMIF hidden width = max(D // 8, 16)
         "fusion_min_hidden": 16,
-        "fusion_feedback": "add",       # f_fus into every stream: 'add' | 'average' | 'none'
+        "fusion_feedback": "gated",     # f_fus into every stream: 'gated' | 'add' (paper, literal) | 'average' | 'none'
         "mask_tokens": 4,               # N learned mask tokens of PG (SAM's four); the first K give the masks
         "decoder_channels": 32,         # LUD branch channels c
         "lambda_focal": 0.5,            # eq. 14: 0.5 Focal + Dice
@@ -198,6 +198,11 @@ class BrainSegDMIF(SegmentationMethod):
                     dim, len(self.modality_names),
                     fusion_hidden_width(dim, cfg["fusion_reduction"], cfg["fusion_min_hidden"]))
                 for dim in first.block_dims)
+        # 'gated': x_m + gamma_i * f_fus with a per-channel gamma_i = 0 at the start (LayerScale /
+        # ViT-Adapter's injector), so every stream starts as the unchanged pretrained encoder.
+        self.feedback_gates = None
+        if cfg["dmif"] and cfg["fusion_feedback"] == "gated":
+            self.feedback_gates = nn.ParameterList(nn.Parameter(torch.zeros(dim)) for dim in first.block_dims[:-1])
 
         from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
@@ -318,7 +323,10 @@ class BrainSegDMIF(SegmentationMethod):
             per_sample = weights.detach().float().mean(dim=(1, 2, 4))
             weight_sum = per_sample if weight_sum is None else weight_sum + per_sample
             if index < last and feedback != "none":
-                if feedback == "add":
+                if feedback == "gated":
+                    gated = fused * self.feedback_gates[index].to(fused.dtype)
+                    streams = {j: x + gated for j, x in streams.items()}
+                elif feedback == "add":
                     streams = {j: x + fused for j, x in streams.items()}
                 else:
                     streams = {j: 0.5 * (x + fused) for j, x in streams.items()}

@@ -15,7 +15,8 @@ The network (paper section 2, Fig. 1), for one box-prompted 2D image:
   (:mod:`.deformable_attention`, plain PyTorch with ``grid_sample``) followed by LayerNorm and a
   two-layer GELU MLP, both with residuals. The updated F_d goes on into the next ViT block.
 - **ViT-Conv fusion** (:class:`ViTConvFusion`, eq. 2): per-branch channel attention (FC squeeze,
-  GELU, FC restore) gives A_d and A_s; M = sigmoid(A_d + A_s); F = F_d * M + F_s * (1 - M).
+  GELU, FC restore) gives A_d and A_s; M = sigmoid(A_d + A_s); F = F_d * M + F_s * (1 - M),
+  computed as F_d + gamma * (1 - M) * (F_s - F_d) with a per-channel gate gamma (gamma = 1: eq. 2).
 - The fused features go through SAM's neck (frozen, part of the image encoder) to the image
   embedding; with the box's prompt embedding (frozen prompt encoder) the trainable SAM mask decoder
   predicts one mask.
@@ -25,7 +26,9 @@ authors' code does):
 
 - Where the branches meet (``interaction_blocks``): after ViT blocks 2, 5, 8 and 11, i.e. after each
   of the four stages of three blocks of the authors' code. The paper says "after each block" of a
-  figure that shows stages; twelve interactions would triple the adapter's size for no stated gain.
+  figure that shows stages; ``'every_block'`` is that literal reading (interactions after all 12
+  blocks), measured in ``benchmarks/bench_dbsam.py`` and ``docs/decisions.md`` (issue 24): it
+  triples the cross-attention, for no gain the paper states.
   Channel attention comes after every block (paper and issue). The fusion follows the last block;
   both directions of one interaction read the features from before it (simultaneous update, as the
   authors' code does).
@@ -41,7 +44,12 @@ authors' code does):
   value, MLP ratio 4 (authors' ``expand_ratio``). On the ViT side, the attention's output
   projection and the MLP's last layer start at zero (``zero_init``), as does eq. 1's 1 x 1
   convolution, so training starts from the unchanged pretrained encoder (as ViT-Adapter's injector
-  and CMAA here); the convolution side and the fusion start as PyTorch initialises them.
+  and CMAA here). The fusion's gate gamma starts at 0 too (issue 24), so at initialisation F = F_d:
+  DB-SAM's output is the pretrained SAM's own for the box (``test_dbsam_starts_as_backbone``), not
+  the frozen neck fed half random convolution-branch features (M ~ 0.5 at the start). The
+  convolution side and the fusion's channel attention start as PyTorch initialises them; they get
+  gradients once the first step has opened the gate. ``zero_init`` False: every added path as
+  PyTorch initialises it, gamma starting at 1 (eq. 2 as written).
 - Fusion: the channel attention is applied to every token (a per-pixel channel MLP, so M is
   element-wise as the paper says: "element-wise selective mask"), squeeze ratio 1/4
   (``fusion_reduction``; the authors' SE ratio 0.25). F_s is average-pooled to the ViT grid when
@@ -109,7 +117,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import MLP, SqueezeExcitation, StochasticDepth
 
-from ..backbones.base import build_backbone
+from ..backbones import build_backbone
 from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from ..errors import MissingModalityError
 from .base import MethodFacts, register_method
@@ -121,6 +129,7 @@ CONV_STRIDE = 4           # two stride-2 3 x 3 convolutions: 256 -> 64
 DEFAULT_IMAGE_SIZE = {"vit_b": 1024, "lite": 256}
 DEFAULT_HEAD_DIM = {"vit_b": 64, "lite": 32}
 DW_ACTIVATIONS = ("none", "gelu")
+EVERY_BLOCK = "every_block"   # interaction_blocks: the paper's literal "after each block"
 
 
 class ChannelAttentionBlock(nn.Module):
@@ -220,17 +229,24 @@ class BilateralCrossAttention(nn.Module):
 
 class ViTConvFusion(nn.Module):
     """Eq. 2 on channels-last maps of one size [B, H, W, C]: A = FC(GELU(FC(F))) per token and
-    branch, M = sigmoid(A_d + A_s), F = F_d * M + F_s * (1 - M)."""
+    branch, M = sigmoid(A_d + A_s), F = F_d * M + F_s * (1 - M), written as
+    F = F_d + gamma * (1 - M) * (F_s - F_d) with a per-channel gate gamma.
 
-    def __init__(self, dim: int, reduction: int = 4) -> None:
+    gamma = 1 is eq. 2 exactly. ``zero_init`` starts gamma at 0, so F = F_d: the frozen neck first
+    sees the pretrained ViT's own features, not (with M ~ 0.5 at the start) half random
+    convolution-branch features; the gate then opens as training finds the conv branch useful.
+    """
+
+    def __init__(self, dim: int, reduction: int = 4, zero_init: bool = True) -> None:
         super().__init__()
         hidden = max(1, dim // reduction)
         self.vit_attention = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.conv_attention = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.gate = nn.Parameter(torch.zeros(dim) if zero_init else torch.ones(dim))
 
     def forward(self, deep: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
         mask = torch.sigmoid(self.vit_attention(deep) + self.conv_attention(shallow))
-        return deep * mask + shallow * (1.0 - mask)
+        return deep + self.gate.to(deep.dtype) * (1.0 - mask) * (shallow - deep)
 
 
 def boxes_from_masks(masks: torch.Tensor, jitter: Sequence[int] = (0, 20), empty_side: Sequence[int] = (16, 128),
@@ -299,7 +315,7 @@ class DBSAM(BoxPromptedLesionMethod):
                                         # lite: LiteMedSAM .pth, None = the packaged lite_medsam.pth
         "image_size": None,             # ViT input; None = 1024 for vit_b (paper), 256 for lite
         "modalities": ["flair"],        # one modality, or a pair (channels a, b, (a + b) / 2)
-        "interaction_blocks": [2, 5, 8, 11],  # bilateral cross-attention after these blocks
+        "interaction_blocks": [2, 5, 8, 11],  # bilateral cross-attention after these blocks; 'every_block': all
         "conv_channels": [64, 128, 256, 256],  # conv branch: 3x3 s2, 3x3 s2, 1x1, 1x1 (+ 1x1 -> conv_dim)
         "conv_dim": None,               # conv branch output width; None = the last block's (768 / 320)
         "head_dim": None,               # deformable attention head width; None = 64 (vit_b) / 32 (lite)
@@ -310,7 +326,7 @@ class DBSAM(BoxPromptedLesionMethod):
         "fusion_reduction": 4,          # fusion channel attention squeeze C -> C / 4
         "dropout": 0.4,                 # paper
         "drop_path": 0.4,               # paper
-        "zero_init": True,              # ViT-side adapters start as identity (pretrained encoder unchanged)
+        "zero_init": True,              # every added path starts as a pass-through (the pretrained SAM unchanged)
         "train_neck": False,            # paper: the ViT encoder (neck included) is frozen
         "box_jitter_px": [0, 20],       # training boxes from the ground truth, each side 0-20 px out
         "lambda_dice": 1.0,
@@ -340,11 +356,14 @@ class DBSAM(BoxPromptedLesionMethod):
         self.backbone = build_backbone(backbone_name, image_size, cfg["backbone_weights"], method="dbsam")
         dims, blocks = self.backbone.block_dims, self.backbone.num_blocks
 
-        interactions = [int(i) for i in cfg["interaction_blocks"]]
-        if sorted(set(interactions)) != interactions or any(not 0 <= i < blocks for i in interactions):
-            raise ValueError(f"dbsam: interaction_blocks must be increasing block indices in 0..{blocks - 1}, "
+        requested = cfg["interaction_blocks"]
+        interactions = list(range(blocks)) if requested == EVERY_BLOCK else requested
+        if isinstance(interactions, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in interactions) \
+                or sorted(set(interactions)) != list(interactions) or any(not 0 <= i < blocks for i in interactions):
+            raise ValueError(f"dbsam: interaction_blocks must be increasing block indices in 0..{blocks - 1} "
+                             f"or '{EVERY_BLOCK}', "
                              f"not {cfg['interaction_blocks']!r}")
-        self.interaction_blocks = interactions
+        self.interaction_blocks = list(interactions)
         head_dim = int(cfg["head_dim"] or DEFAULT_HEAD_DIM.get(backbone_name, 32))
         conv_dim = int(cfg["conv_dim"] or dims[-1])
         if conv_dim != dims[-1]:
@@ -368,7 +387,7 @@ class DBSAM(BoxPromptedLesionMethod):
                 for i in interactions)
         except ValueError as error:
             raise ValueError(f"dbsam: head_dim {head_dim} does not fit the {backbone_name} widths: {error}") from None
-        self.fusion = ViTConvFusion(conv_dim, int(cfg["fusion_reduction"]))
+        self.fusion = ViTConvFusion(conv_dim, int(cfg["fusion_reduction"]), bool(cfg["zero_init"]))
 
         self.backbone.image_encoder.requires_grad_(False)
         self.backbone.prompt_encoder.requires_grad_(False)

@@ -69,7 +69,13 @@ Where this implementation differs, and why:
   training only its own modality's expert and the gate not running; the experts share no
   parameters, so this equals separate single-modality nnU-Nets trained side by side.
   ``pretraining_learning_rate`` 1e-2 and ``pretraining_epochs`` 1000 are nnU-Net v2's defaults (the
-  repository does not contain the pre-training runs).
+  repository does not contain the pre-training runs); ``Training/configs/mome_experts.json`` trains
+  with them (a test checks it against these defaults, as for the main stage's keys).
+- The paper's two stages are two runs: stage 1 ``brainlesionsam-train --config mome_experts``,
+  stage 2 ``brainlesionsam-train --config mome --init-from runs/mome_experts``, which starts the
+  whole network (experts and the untouched gate) from stage 1's ``final.safetensors``, exactly, as
+  a new run with the curriculum from r = 0. Both stages have the same architecture (only
+  ``training_stage`` and the optimiser differ), which ``--init-from`` requires.
 - Optimiser, schedule and clipping: the config keys here (``learning_rate``, ``momentum``,
   ``nesterov``, ``weight_decay``, ``poly_exponent``, ``gate_grad_clip``) are the paper's values;
   ``Training/`` builds SGD, the poly schedule and the gate-only clipping from
@@ -316,8 +322,8 @@ class MoME(SegmentationMethod):
         "iterations_per_epoch": 250,
         "batch_size": 2,
         "gate_grad_clip": 12.0,                 # max gradient norm of the gate's parameters
-        "pretraining_learning_rate": 1e-2,      # training_stage 'experts' (nnU-Net v2 default)
-        "pretraining_epochs": 1000,
+        "pretraining_learning_rate": 1e-2,      # training_stage 'experts' (nnU-Net v2 default;
+        "pretraining_epochs": 1000,             # Training/configs/mome_experts.json trains with both)
     }
 
     def __init__(self, **config: Any):

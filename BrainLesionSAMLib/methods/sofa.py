@@ -128,7 +128,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.base import build_backbone
+from ..backbones import build_backbone
 from ..conventions import MODALITIES
 from .base import MethodFacts, SegmentationMethod, register_method
 

@@ -1,0 +1,37 @@
+"""The clean-up of automatic results: small whole-lesion components go, everything else stays."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from BrainLesionSAMLib.postprocessing import remove_small_components
+
+
+def test_small_components_go_labels_of_kept_ones_stay():
+    labels = np.zeros((20, 30, 30), np.uint8)
+    labels[2:8, 2:8, 2:8] = 2          # 216 voxels of 2 mm^3 (spacing 1, 1, 2) = 0.432 ml
+    labels[4:6, 4:6, 4:6] = 4          # a sub-region inside the big component keeps its label
+    labels[15, 20, 20] = 1             # one voxel: 0.002 ml
+    labels[15:17, 25:27, 25:27] = 4    # 8 voxels: 0.016 ml
+    labels[10, 10, 10] = 2             # diagonal neighbour of nothing: alone
+    labels[11, 11, 11] = 2             # 26-connected to the voxel above: one component of 2 voxels
+    spacing = (1.0, 1.0, 2.0)
+    cleaned = remove_small_components(labels, spacing, min_volume_ml=0.01)
+    assert np.array_equal(cleaned[2:8, 2:8, 2:8], labels[2:8, 2:8, 2:8])
+    assert cleaned[15, 20, 20] == 0 and cleaned[10, 10, 10] == 0 and cleaned[11, 11, 11] == 0
+    assert (cleaned[15:17, 25:27, 25:27] == 4).all()
+    # Every voxel is either unchanged or set to 0; a threshold of 0 changes nothing.
+    assert np.all((cleaned == labels) | (cleaned == 0))
+    assert np.array_equal(remove_small_components(labels, spacing, 0.0), labels)
+    assert not remove_small_components(labels, spacing, 1.0).any()
+
+
+def test_info_json_names_the_default_method():
+    out = subprocess.run([sys.executable, "-m", "BrainLesionSAMLib.cli", "info", "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    assert info["default_method"] in [m["name"] for m in info["methods"]]
+    assert next(m for m in info["methods"] if m["name"] == info["default_method"])["promptable"] is False

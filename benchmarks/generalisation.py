@@ -1,0 +1,144 @@
+"""Generalisation benchmark: the unet2d weights on cases they were not made from (issue 19).
+
+    python benchmarks/generalisation.py [--cases 4] [--out docs/generalisation_results.json]
+
+Test groups (seeds never used in training: training pools use (0, pool, i), validation
+(0, 999999, i); the test uses (TEST_SEED, group, i)):
+
+- ``synth_training``: the synthesiser inside its training ranges (recall, not generalisation);
+- ``shift_<axis>``: the synthesiser with one acquisition axis outside the training ranges
+  (``Training.synthesis.SHIFTED``: bias, low SNR, thick slices, rotation, gamma);
+- ``sample_1mm`` / ``sample_2mm``: the demo generator's cases (seeds 50 000+, another contrast
+  model: a fixed table, unseen by the synthesiser-trained weights), at 1 and 2 mm.
+
+Every weights file is scored on the same cases with the library's engine (fully automatic, no
+box), each raw prediction also cleaned by ``BrainLesionSAMLib.postprocessing`` at every threshold
+of THRESHOLDS_ML (the engine itself runs with the clean-up off here). Printed per group and model: Dice WT / TC / ET (mean over cases with that region), BraTS 2023
+lesion detection on the whole tumour's connected components (sensitivity, false-positive lesions
+per case), labelled volume on
+healthy cases (ml) and the worst predicted / true whole-tumour volume ratio. Per-case rows and the
+means go to ``--out`` (JSON) for docs/generalisation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from BrainLesionSAMLib.checkpoints import load_checkpoint  # noqa: E402
+from BrainLesionSAMLib.methods.unet2d import UNet2DBaseline  # noqa: E402
+from BrainLesionSAMLib.metrics import evaluate_labels  # noqa: E402
+from BrainLesionSAMLib.pipeline import segment_images  # noqa: E402
+from BrainLesionSAMLib.postprocessing import remove_small_components  # noqa: E402
+from Training.synthesis import SHIFTED, TRAINING, synthesise_case  # noqa: E402
+
+TEST_SEED = 424242
+WEIGHTS = {"phantom (v1)": REPO / "BrainLesionSAMLib/weights/unet2d_sample.safetensors",
+           "synthesis (v2)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis.safetensors"}
+REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+THRESHOLDS_ML = (0.0, 0.1, 0.5)  # connected-component clean-up swept on the raw prediction
+
+
+def groups() -> dict[str, object]:
+    return {"synth_training": TRAINING, **{f"shift_{name}": ranges for name, ranges in SHIFTED.items()},
+            "sample_1mm": 1, "sample_2mm": 2}
+
+
+def make_case(group: str, index: int, spec) -> tuple[dict[str, sitk.Image], sitk.Image, dict]:
+    if isinstance(spec, int):
+        from BrainLesionSAMLib.sample import SampleParameters, generate_case
+
+        case = generate_case(SampleParameters.random(50_000 + index, resolution=spec))
+        return {m: case[m] for m in ("t1", "t1ce", "t2", "flair")}, case["seg"], {"kind": "sample"}
+    case = synthesise_case((TEST_SEED, list(groups()).index(group), index), spec)
+    kinds = sorted({lesion["kind"] for lesion in case.info["lesions"]}) or ["healthy"]
+    return case.images, case.labels, {"kind": "+".join(kinds), "spacing_zyx": case.info["spacing_zyx"]}
+
+
+def load(path: Path) -> UNet2DBaseline:
+    state, _ = load_checkpoint(path, expected_method="unet2d")
+    method = UNet2DBaseline()
+    method.load_state_dict(state, strict=True)
+    return method.eval()
+
+
+def score(prediction: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, ...]) -> dict:
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000
+    row = {"true_ml": float((truth > 0).sum()) * voxel_ml, "predicted_ml": float((prediction > 0).sum()) * voxel_ml}
+    metrics = evaluate_labels(prediction, truth, spacing_zyx, label_set="brats")
+    for region, values in REGIONS.items():
+        if np.isin(truth, values).any():
+            row[f"{region}_dice"] = float(metrics[region]["dice"])
+    # Detection on 26-connected whole-lesion components (cheap; not the BraTS 2023 dilation rule of
+    # BrainLesionSAMLib.lesion_metrics, which is too slow for the hundreds of specks of a raw 2D model):
+    # a true lesion is detected when a predicted voxel touches it, a predicted component is a false
+    # positive when it touches no true lesion.
+    structure = np.ones((3, 3, 3), bool)
+    true_components, true_count = ndimage.label(truth > 0, structure=structure)
+    predicted_components, predicted_count = ndimage.label(prediction > 0, structure=structure)
+    row["lesions"] = int(true_count)
+    row["detected"] = int(len(np.unique(true_components[(prediction > 0) & (true_components > 0)])))
+    row["false_positive_lesions"] = int(predicted_count - len(np.unique(predicted_components[(truth > 0) & (predicted_components > 0)])))
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {"cases": len(rows)}
+    for key in ("WT_dice", "TC_dice", "ET_dice"):
+        values = [r[key] for r in rows if key in r]
+        out[key] = round(float(np.mean(values)), 3) if values else None
+    lesions = sum(r.get("lesions", 0) for r in rows)
+    out["sensitivity"] = round(sum(r.get("detected", 0) for r in rows) / lesions, 3) if lesions else None
+    out["fp_lesions_per_case"] = round(sum(r.get("false_positive_lesions", 0) for r in rows) / len(rows), 2)
+    healthy = [r["predicted_ml"] for r in rows if r["true_ml"] == 0]
+    out["healthy_ml"] = round(float(np.mean(healthy)), 2) if healthy else None
+    ratios = [r["predicted_ml"] / r["true_ml"] for r in rows if r["true_ml"] > 0]
+    out["worst_volume_ratio"] = round(float(max(ratios)), 2) if ratios else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=4, help="cases per group")
+    parser.add_argument("--groups", nargs="*", help="only these groups")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "generalisation_results.json")
+    args = parser.parse_args(argv)
+    models = {name: load(path) for name, path in WEIGHTS.items()}
+    results: dict = {"cases_per_group": args.cases, "groups": {}}
+    for group, spec in groups().items():
+        if args.groups and group not in args.groups:
+            continue
+        rows = {f"{name} cc>={t:g}ml": [] for name in models for t in THRESHOLDS_ML}
+        for index in range(args.cases):
+            start = time.perf_counter()
+            images, labels, info = make_case(group, index, spec)
+            truth = sitk.GetArrayFromImage(labels)
+            spacing = labels.GetSpacing()[::-1]
+            for name, method in models.items():
+                raw = sitk.GetArrayFromImage(segment_images(images, method, device="cpu", min_component_ml=0).result.labels)
+                for threshold in THRESHOLDS_ML:
+                    prediction = remove_small_components(raw, spacing, threshold)
+                    rows[f"{name} cc>={threshold:g}ml"].append({"case": index, **info, **score(prediction, truth, spacing)})
+            print(f"{group} case {index} ({info['kind']}) {time.perf_counter() - start:.0f} s: " + "  ".join(
+                f"{name} WT {rows[name][-1].get('WT_dice', float('nan')):.2f}" for name in rows if "cc>=0ml" in name
+                or "cc>=0.1ml" in name), flush=True)
+        results["groups"][group] = {name: {"summary": summarise(r), "rows": r} for name, r in rows.items()}
+        args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")  # a partial run keeps its groups
+        for name in rows:
+            print(f"  {group:18s} {name:28s} {json.dumps(results['groups'][group][name]['summary'])}", flush=True)
+    args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

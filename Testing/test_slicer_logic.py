@@ -176,7 +176,8 @@ def test_without_torch_the_panel_lists_the_catalogue(monkeypatch):
 
 def test_weights_choices_and_devices(case, tmp_path):
     logic = case["logic"]
-    assert [key for key, _ in logic.weightsChoices("unet2d")] == ["catalogue:unet2d-sample-v1", "file"]
+    assert [key for key, _ in logic.weightsChoices("unet2d")] == ["catalogue:unet2d-sample-v1", "catalogue:unet2d-synthesis-v2",
+                                                             "file"]
     assert [key for key, _ in logic.weightsChoices("cmaa")] == ["default", "file"]
     assert logic._weightsKey("unet2d", None) == ("catalogue", "unet2d-sample-v1")
     assert logic._weightsKey("unet2d", "litemedsam-v1") == ("catalogue", "litemedsam-v1")

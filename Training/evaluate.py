@@ -264,6 +264,7 @@ def evaluate_run(run_dir: str | os.PathLike, out: str | os.PathLike, split: str 
     method = load_method(config["method"], weights)
     prediction_dir = out / "predictions" if save_predictions else None
     rows = validate(method, data["cache"], case_ids, device, batch_size=batch_size, prediction_dir=prediction_dir,
+                    lesion_wise=True,
                     modalities=data.get("modalities"))
     description = {"title": f"{config['name']} ({method.facts.name}), {split} set",
                    "run": str(run_dir), "weights": str(weights), "split": split, "split_file": data["splits"]}

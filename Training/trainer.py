@@ -549,7 +549,7 @@ def ground_truth_box(labels: np.ndarray) -> Box | None:
 
 def validate(method: SegmentationMethod, cache_dir, case_ids: list[str], device, batch_size: int = 8,
              amp: bool = True, prediction_dir: Path | None = None,
-             modalities: list[str] | None = None) -> list[dict[str, Any]]:
+             modalities: list[str] | None = None, lesion_wise: bool = False) -> list[dict[str, Any]]:
     """Segment cached cases with the library's engine and score them with the library's metrics.
 
     Promptable methods get the ground truth's box (the box workflow; a case without lesion is left
@@ -580,7 +580,8 @@ def validate(method: SegmentationMethod, cache_dir, case_ids: list[str], device,
             write_image(result.labels, Path(prediction_dir) / f"{case_id}.nii.gz")
         prediction = sitk.GetArrayFromImage(result.labels)
         truth = (labels > 0).astype(np.uint8) if facts.label_set == "lesion" else labels
-        metrics = evaluate_labels(prediction, truth, cached.spacing_zyx, label_set=facts.label_set)
+        metrics = evaluate_labels(prediction, truth, cached.spacing_zyx, label_set=facts.label_set,
+                                  lesion_wise=lesion_wise)
         rows.append({"case": case_id, **flatten_results(metrics)})
     return rows
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -120,4 +122,17 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
     }
     ModelEntry.from_dict(entry, f"catalogue entry for {out}")
     write_json(Path(f"{out}.catalogue.json"), entry)
+    return entry
+
+
+def export_packaged_weights(run_dir: str | os.PathLike, target: str | os.PathLike, which: str = "final",
+                            training_data: str | None = None) -> dict[str, Any]:
+    """Export a run's weights as a file shipped inside the package (``BrainLesionSAMLib/weights/``):
+    only the release checkpoint lands at ``target`` (its catalogue entry is the catalogue's, not a
+    ``.catalogue.json`` beside it); returns the entry, whose sha256 and size the catalogue must carry."""
+    target = Path(target)
+    with tempfile.TemporaryDirectory() as folder:
+        exported = Path(folder) / target.name
+        entry = export_run(run_dir, exported, which=which, training_data=training_data)
+        shutil.copyfile(exported, target)
     return entry

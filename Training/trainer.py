@@ -179,7 +179,7 @@ class Trainer:
     def _prepare_synthesis(self) -> dict[str, list[str]]:
         """data.synthesis: the fixed validation cases now (every rank waits for them); the training
         pools as the epochs need them (``_pool_samples``)."""
-        from .synthesis.pools import VALIDATION_POOL, PoolMaker, pool_folder, write_pool
+        from .synthesis.pools import VALIDATION_POOL, PoolMaker, case_ids, pool_folder, write_pool
 
         context, synthesis = self.context, self.config["data"]["synthesis"]
         cache = self.config["data"]["cache"]
@@ -190,8 +190,6 @@ class Trainer:
                 self.log(f"synthesis: {synthesis['validation_cases']} validation case(s) in {self.validation_cache}")
                 write_pool(cache, synthesis["seed"], VALIDATION_POOL, synthesis["validation_cases"], "training", self.log)
             distributed.barrier(context)
-            from .synthesis.pools import case_ids
-
             validation = case_ids(VALIDATION_POOL, synthesis["validation_cases"])
         # Rank 0 writes the pools (one background process); the others wait at the barrier.
         self.pools = PoolMaker(cache, synthesis["seed"], synthesis["cases_per_pool"], synthesis["ranges"],

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from Training.export import export_run  # noqa: E402
+from Training.export import export_packaged_weights  # noqa: E402
 
 RUN = REPO / "runs" / "unet2d_synthesis"
 TARGET = REPO / "BrainLesionSAMLib" / "weights" / "unet2d_synthesis.safetensors"
@@ -39,10 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "Training.train", "--config", "unet2d_synthesis",
                         f"output.dir={json.dumps(str(RUN))}", f"train.threads={args.threads}"], check=True, cwd=REPO)
     run = json.loads((RUN / "run.json").read_text(encoding="utf-8"))
-    with tempfile.TemporaryDirectory() as folder:
-        exported = Path(folder) / TARGET.name
-        entry = export_run(RUN, exported, which="final", training_data=None)
-        shutil.copyfile(exported, TARGET)
+    entry = export_packaged_weights(RUN, TARGET, which="final")
     print(f"wrote {TARGET} ({run['steps']} steps, {run['seconds'] / 60:.0f} min)")
     print("Models.json, entry unet2d-synthesis-v2:", json.dumps({"sha256": entry["sha256"], "size": entry["size"]}))
     return 0

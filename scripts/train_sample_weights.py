@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from BrainLesionSAMLib.sample import STUDY_SEEDS_FROM  # noqa: E402
-from Training.export import export_run  # noqa: E402
+from Training.export import export_packaged_weights  # noqa: E402
 
 STUDY_OUT = REPO / "runs" / "phantom_study"
 STUDY_SETTINGS = ["--budget-steps", "1600", "--batch-size", "8", "--train-cases", "16", "--test-cases", "8",
@@ -47,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     description = (f"BrainLesionSAM phantom study (benchmarks/phantom_study.py), run unet2d: "
                    f"{settings['--train-cases']} generated cases at {settings['--resolution']} mm, seeds {STUDY_SEEDS_FROM}+, "
                    f"config unet2d, {settings['--budget-steps']} steps of batch {settings['--batch-size']}")
-    with tempfile.TemporaryDirectory() as folder:
-        exported = Path(folder) / TARGET.name
-        entry = export_run(STUDY_OUT / "runs" / "unet2d", exported, which="final", training_data=description)
-        shutil.copyfile(exported, TARGET)
+    entry = export_packaged_weights(STUDY_OUT / "runs" / "unet2d", TARGET, which="final", training_data=description)
     print(f"wrote {TARGET}")
     print("Models.json, entry unet2d-sample-v1:", json.dumps({"sha256": entry["sha256"], "size": entry["size"]}))
     return 0

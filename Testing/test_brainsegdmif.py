@@ -232,20 +232,37 @@ def test_state_dict_has_no_shared_tensors(model):
     assert not any(k.startswith("encoders.1.image_encoder.neck") for k in state)
 
 
+def _parameters_without_gradient(model, images, target) -> list[str]:
+    model.zero_grad()
+    loss = model.loss(model(images, torch.ones(1, 4, dtype=torch.bool)), target)
+    loss.backward()
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+
+
 def test_gradient_reaches_every_trainable_parameter(model):
+    """With the default 'gated' feedback the gates start at 0, so at step 0 the fusions after blocks
+    1-11 reach the loss only through their gates: the gates get a gradient, the fusions behind them
+    none (the backbone is unchanged at the start, see test_brainsegdmif_starts_as_backbone). Once the
+    first update has moved the gates off 0, the gradient reaches every trainable parameter."""
     torch.manual_seed(2)
     images = 255 * torch.rand(1, 4, 256, 256)
     target = torch.zeros(1, 256, 256, dtype=torch.long)
     target[:, 100:140, 90:150] = 1
     model.train()
+    gated_fusions = {f"fusion.{i}." for i in range(11)}
     try:
-        model.zero_grad()
-        loss = model.loss(model(images, torch.ones(1, 4, dtype=torch.bool)), target)
-        loss.backward()
-        missing = [name for name, p in model.named_parameters()
-                   if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
-        assert missing == []
+        missing = _parameters_without_gradient(model, images, target)
+        assert missing and {name[:name.index(".", 7) + 1] for name in missing} == gated_fusions
+        assert all(model.feedback_gates[i].grad.abs().sum() > 0 for i in range(11))
+        with torch.no_grad():
+            for gate in model.feedback_gates:
+                gate.fill_(1e-3)   # where the first Adam step (lr 1e-4) takes them: off 0
+        assert _parameters_without_gradient(model, images, target) == []
     finally:
+        with torch.no_grad():
+            for gate in model.feedback_gates:
+                gate.zero_()
         model.zero_grad(set_to_none=True)
         model.eval()
 

@@ -243,13 +243,15 @@ def main() -> None:
     parser.add_argument("--feedback-study", choices=("rms", "train"),
                         help="only the fusion-feedback study (see the module docstring)")
     parser.add_argument("--steps", type=int, default=16, help="--feedback-study train: steps per rule")
+    parser.add_argument("--rules", nargs="+", choices=FEEDBACK_STUDY_RULES,
+                        help="--feedback-study: only these feedback rules (default: all of the study)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.feedback_study == "rms":
-        feedback_rms()
+        feedback_rms(*([args.rules] if args.rules else []))
         return
     if args.feedback_study == "train":
-        feedback_training(args.steps)
+        feedback_training(args.steps, *([args.rules] if args.rules else []))
         return
     if args.memory_child:
         if args.memory_child == "dmif-lite":

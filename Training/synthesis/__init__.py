@@ -15,6 +15,7 @@ from .case import SyntheticCase, synthesise_case
 from .ranges import SHIFTED, TRAINING, SynthesisRanges
 
 # Bump when a change alters the cases a seed gives (caches of synthetic cases key on it).
-SYNTHESISER_VERSION = 2  # 2: thick slices blur with edge mode "nearest" (1 darkened the grid borders)
+SYNTHESISER_VERSION = 3  # 2: thick slices blur with edge mode "nearest" (1 darkened the grid borders);
+                         # 3: whole-lesion volumes up to 500 ml (2: 220 ml)
 
 __all__ = ["SHIFTED", "SYNTHESISER_VERSION", "TRAINING", "SynthesisRanges", "SyntheticCase", "synthesise_case"]

@@ -25,7 +25,8 @@ class SynthesisRanges:
     # Lesions.
     lesion_count: tuple[int, int] = (0, 4)                 # inclusive; 0 = a healthy case
     healthy_probability: float = 0.12
-    volume_ml: tuple[float, float] = (0.1, 220.0)          # whole-lesion volume, log-uniform
+    volume_ml: tuple[float, float] = (0.1, 500.0)          # whole-lesion volume, log-uniform (glioblastomas with
+                                                           # their oedema reach 300-500 ml; v2 stopped at 220)
     # Contrast: relative intensities of every class, drawn per case and modality.
     intensity: tuple[float, float] = (0.05, 1.0)
     within_class_sd: tuple[float, float] = (0.0, 0.08)     # voxel-wise, relative to the class mean

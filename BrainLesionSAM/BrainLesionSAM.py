@@ -292,7 +292,8 @@ class BrainLesionSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         roi = self.ui.roiSelector.currentNode() if info is not None and info.promptable else None
         self._start("segment", lambda: self.logic.process(
             self.currentInputs(), info.name, weights=self.currentWeights(), device=self.ui.deviceComboBox.currentData,
-            outputSegmentation=self.ui.outputSegmentationSelector.currentNode(), box=roi, waitForCompletion=False))
+            outputSegmentation=self.ui.outputSegmentationSelector.currentNode(), box=roi, waitForCompletion=False,
+            uncertainty=self.ui.uncertaintyCheckBox.checked))
 
     def onRefine(self):
         if self._job is not None:
@@ -365,6 +366,9 @@ class BrainLesionSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentSelector.setCurrentSegmentID(outcome.segmentIds[-1])
             self.ui.statusLabel.text = (f"Segmented with {outcome.method} on {outcome.device} in {seconds:.1f} s "
                                         f"into '{outcome.segmentationNode.GetName()}'.")
+            if outcome.uncertaintyNode is not None:
+                slicer.util.setSliceViewerLayers(foreground=outcome.uncertaintyNode, foregroundOpacity=0.5)
+                self.ui.statusLabel.text += f" Uncertainty map: '{outcome.uncertaintyNode.GetName()}' (foreground)."
         else:
             changed = outcome.changedVoxels or {}
             self.ui.statusLabel.text = (f"Refined inside box {outcome.box} in {seconds:.1f} s "

@@ -24,18 +24,37 @@ from . import __version__
 from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from .engine import Box, resolve_device
 from .errors import BrainLesionSAMError, InputWarning, OutputPathError
-from .io import atomic_output, check_output_folder, check_writable, discover_case, make_output_folder, write_image
+from .io import (IMAGE_SUFFIXES, atomic_output, check_output_folder, check_writable, discover_case, make_output_folder,
+                 write_image)
 from .methods import DEFAULT_METHOD
 from .progress import ConsoleProgress
 
 DEMO_MARKER = ".brainlesionsam-demo"
+# Volumes of floats (probabilities, the uncertainty map): formats SimpleITK writes them to (no DICOM).
+MAP_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".dcm")
+MAP_OPTIONS = ("probabilities", "uncertainty")  # options naming such a volume; SegmentationResult fields
 
 
-def _output_path(path: Path, overwrite: bool) -> Path:
+def _output_path(path: Path, overwrite: bool, option: str = "--out") -> Path:
     check_writable(path)  # a folder given as the file, a missing or read-only folder: said first
     if path.exists() and not overwrite:
-        raise OutputPathError(f"{path} already exists; choose another --out or add --overwrite")
+        raise OutputPathError(f"{path} already exists; choose another {option} or add --overwrite")
     return path
+
+
+def _map_outputs(args) -> dict[str, Path]:
+    """{'probabilities' / 'uncertainty': path} of the extra volumes asked for, each checked before
+    anything is computed: an image suffix, a writable place, no existing file without --overwrite."""
+    paths = {}
+    for name in MAP_OPTIONS:
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        if not path.name.lower().endswith(MAP_SUFFIXES):
+            raise OutputPathError(f"--{name} {path.name}: name the volume .nii.gz (NIfTI; "
+                                  f"{', '.join(MAP_SUFFIXES[1:])} work too)")
+        paths[name] = _output_path(path, getattr(args, "overwrite", False), f"--{name}")
+    return paths
 
 
 def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None, case_id: str,
@@ -45,24 +64,22 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
     progress = ConsoleProgress(case_id, disable=quiet)
     try:
         box = Box.parse(args.box) if getattr(args, "box", None) else None
-        probabilities_path = getattr(args, "probabilities", None)
-        if probabilities_path is not None:
-            _output_path(probabilities_path, args.overwrite)
+        maps = _map_outputs(args)
         segmentation = segment_images(inputs, method, device=args.device, box=box, progress=progress,
-                                      batch_size=args.batch_size,
-                                      return_probabilities=probabilities_path is not None)
+                                      batch_size=args.batch_size, return_probabilities="probabilities" in maps,
+                                      mirror_tta="uncertainty" in maps)
     finally:
         progress.close()
+    for name, path in maps.items():  # before the labels: in a batch, the label file says the case is done
+        write_image(getattr(segmentation.result, name), path)
     if getattr(args, "output_format", None) == "dicom-seg":  # on the reference DICOM series, referencing it
         from .dicom_seg import write_dicom_seg
         write_dicom_seg(segmentation.result.labels, segmentation.result.label_set,
                         inputs[segmentation.case.reference_modality], out, method.facts.name)
     else:
         write_labels(segmentation.result, out, args.label_convention)
-    if probabilities_path is not None:
-        write_image(segmentation.result.probabilities, probabilities_path)
-    summary = {"case": case_id, "output": str(out), "method": method.facts.name,
-               "device": segmentation.result.device,
+    summary = {"case": case_id, "output": str(out), **{name: str(path) for name, path in maps.items()},
+               "method": method.facts.name, "device": segmentation.result.device,
                **{k: round(v, 3) for k, v in segmentation.timings.items()}}
     if segmentation.result.case_weights:
         # Which modality (or expert) each sub-region relied on: SOFA's attention, MoME's gate.
@@ -108,6 +125,9 @@ def command_segment(args) -> int:
         print(f"{region} relied on: " + ", ".join(f"{MODALITY_DISPLAY_NAMES.get(m, m)} {w:.2f}"
                                                   for m, w in sorted(weights.items(), key=lambda kv: -kv[1])))
     print(f"wrote {out}")
+    for name in MAP_OPTIONS:
+        if name in summary:
+            print(f"wrote {summary[name]}")
     if "report" in summary:
         for path in summary["report"].values():
             print(f"wrote {path}")
@@ -149,7 +169,10 @@ def command_batch(args) -> int:
                 from .dicom_seg import source_series
                 source_series(inputs, method.facts.modalities)
             report_dir = args.output / "reports" if args.report else None
-            _segment_one(inputs, method, args, out, report_dir, folder.name)
+            # A case whose labels are missing is not done: its own uncertainty file is replaced.
+            uncertainty = args.output / f"{folder.name}_uncertainty.nii.gz" if args.uncertainty else None
+            case_args = argparse.Namespace(**{**vars(args), "uncertainty": uncertainty, "overwrite": True})
+            _segment_one(inputs, method, case_args, out, report_dir, folder.name)
             row["status"] = "done"
         except Exception as error:  # one failing case must not stop the others
             row["status"] = "failed"
@@ -338,7 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--report", type=Path, help="folder for the QC picture and lesion volumes (JSON/CSV)")
     segment.add_argument("--probabilities", type=Path,
                          help="also write the class probabilities (one vector component per class)")
-    segment.add_argument("--overwrite", action="store_true", help="replace --out (and --probabilities) if they exist")
+    segment.add_argument("--uncertainty", type=Path,
+                         help="also write an uncertainty map (.nii.gz, float in [0, 1]): the disagreement of a "
+                              "second, left-right mirrored pass (mirror test-time augmentation: labels and "
+                              "probabilities become the two passes' mean; about twice the time)")
+    segment.add_argument("--overwrite", action="store_true",
+                         help="replace --out (and --probabilities, --uncertainty) if they exist")
     segment.set_defaults(handler=command_segment)
 
     batch = sub.add_parser("batch", help="segment every case folder under --input")
@@ -348,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--format", choices=("image", "dicom-seg"), default="image",
                        help="per case <case>.nii.gz (image), or <case>.dcm, a DICOM SEG referencing the case's "
                             "DICOM series (dicom-seg)")
+    batch.add_argument("--uncertainty", action="store_true",
+                       help="also write <case>_uncertainty.nii.gz per case (see segment --uncertainty; about "
+                            "twice the time)")
     _add_inference_options(batch)
     batch.set_defaults(handler=command_batch)
 

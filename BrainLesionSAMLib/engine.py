@@ -11,6 +11,9 @@ nothing outside it is labelled - and is the prompt of promptable methods on each
 The result of a fully automatic method is cleaned: nothing outside the brain (the inputs' non-zero
 mask), and no whole-lesion component under ``min_component_ml`` (``postprocessing``; the default
 is measured in docs/generalisation.md). A box-prompted result is the user's box and is not cleaned.
+
+``mirror_tta`` runs every network input a second time mirrored left-right and returns the mean of
+the two passes with their voxel-wise disagreement as an uncertainty map (``uncertainty``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from .errors import BoxRequiredError, BrainLesionSAMError, CancelledError, Geome
 from .methods import SegmentationMethod
 from .postprocessing import DEFAULT_MIN_COMPONENT_ML, remove_small_components
 from .preprocessing import PreparedCase
+from .uncertainty import disagreement, mirror_axis, mirror_network_box
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -131,6 +135,9 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     # The method's per-case modality/expert weights (SegmentationMethod.case_weights), {} if none.
     case_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Mirror TTA only (else None): float32 [Z,Y,X] disagreement of the two passes in [0, 1], reference
+    # grid (uncertainty.disagreement); 0 where the result is not the network's (outside brain or box).
+    uncertainty: sitk.Image | None = None
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -170,7 +177,10 @@ class InferenceEngine:
 
     def segment(self, case: PreparedCase, box: Box | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
-                return_probabilities: bool = False) -> SegmentationResult:
+                return_probabilities: bool = False, mirror_tta: bool = False) -> SegmentationResult:
+        """Labels (and optionally probabilities) on the reference grid. ``mirror_tta``: run each
+        input also mirrored left-right (twice the network time) - probabilities and labels are the
+        two passes' mean, and the result carries their disagreement as ``uncertainty``."""
         facts = self.method.facts
         facts.check_modalities(case.modalities)
         if facts.requires_box and box is None:
@@ -180,14 +190,15 @@ class InferenceEngine:
         progress = progress or (lambda fraction, message: None)
         cancel = cancel or (lambda: False)
         box = box.clipped_to(case.shape_zyx) if box is not None else None
+        axis = mirror_axis(case.reference, facts.spatial_dims) if mirror_tta else None
         start = time.perf_counter()
         self.method.start_case()
         try:
             with torch.inference_mode():
                 if facts.spatial_dims == 2:
-                    probabilities = self._segment_slices(case, box, progress, cancel)
+                    passes = self._segment_slices(case, box, progress, cancel, axis)
                 else:
-                    probabilities = self._segment_patches(case, progress, cancel)
+                    passes = self._segment_patches(case, progress, cancel, axis)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise BrainLesionSAMError(
@@ -199,11 +210,24 @@ class InferenceEngine:
         start = time.perf_counter()
         labels_lookup = np.asarray(facts.labels, dtype=np.uint8)
         inside = case.brain_mask if box is None else case.brain_mask & box.mask(case.shape_zyx)
+        uncertainty_image = None
+        if axis is None:
+            probabilities, = passes
+        else:
+            uncertainty = disagreement(*passes)
+            uncertainty[~inside] = 0.0
+            uncertainty_image = case.to_reference_image(uncertainty)
+            probabilities = passes[0]  # the mean, in place: the volumes are large
+            probabilities += passes[1]
+            probabilities *= 0.5
+        del passes
         labels = labels_lookup[probabilities.argmax(0)]
         labels[~inside] = 0
         if box is None and not facts.promptable and self.min_component_ml > 0:
             cleaned = remove_small_components(labels, case.spacing_zyx, self.min_component_ml)
-            inside &= (cleaned > 0) | (labels == 0)  # removed specks become background in the probabilities too
+            # removed specks become background in the probabilities too (not in place: ``inside`` may be
+            # the case's own brain mask, which a second run on the same case must find unchanged)
+            inside = inside & ((cleaned > 0) | (labels == 0))
             labels = cleaned
         label_image = case.to_reference_image(labels)
         probability_image = None
@@ -215,16 +239,18 @@ class InferenceEngine:
         progress(1.0, "done")
         return SegmentationResult(label_image, facts.label_set, probability_image, str(self.device),
                                   {"network_s": network_time, "postprocessing_s": time.perf_counter() - start},
-                                  self.method.case_weights())
+                                  self.method.case_weights(), uncertainty_image)
 
     def _segment_slices(self, case: PreparedCase, box: Box | None, progress: ProgressCallback,
-                        cancel: CancelCheck) -> np.ndarray:
-        """[K, Z, Y, X] float32 class probabilities on the reference grid."""
+                        cancel: CancelCheck, mirror: int | None = None) -> tuple[np.ndarray, ...]:
+        """([K, Z, Y, X] float32 class probabilities on the reference grid,) - and those of the
+        left-right mirrored pass, flipped back, when ``mirror`` is the array axis to mirror (1: y, 2: x)."""
         facts = self.method.facts
         geometry = case.slice_geometry
         num_classes = len(facts.labels)
-        probabilities = np.zeros((num_classes,) + case.shape_zyx, dtype=np.float32)
-        probabilities[0] = 1.0  # slices never run (no brain, outside the box) are background
+        passes = [None] if mirror is None else [None, mirror + 1]  # flip dim of [N, C, H, W]
+        probabilities = np.zeros((len(passes), num_classes) + case.shape_zyx, dtype=np.float32)
+        probabilities[:, 0] = 1.0  # slices never run (no brain, outside the box) are background
         slices = case.brain_slices()
         if box is not None:
             slices = slices[(slices >= box.z0) & (slices <= box.z1)]
@@ -241,33 +267,51 @@ class InferenceEngine:
                      f"{facts.name}: slices {done + 1}-{done + len(batch)} of {len(slices)}")
             boxes = network_box.expand(len(batch), 4) if (network_box is not None and facts.promptable) else None
             batch_available = available.expand(len(batch), -1)
-            with self._autocast():
-                if self.embedding_cache is None:
-                    images = case.network_slices(batch).to(self.device)
-                    batch_probabilities = self.method.predict_proba(images, batch_available, boxes)
-                else:
-                    embeddings = self._cached_embeddings(case, batch, batch_available)
-                    batch_probabilities = self.method.decode_proba(embeddings, batch_available, boxes)
-            batch_probabilities = batch_probabilities.float()
-            probabilities[:, batch] = geometry.from_network(batch_probabilities).cpu().numpy().transpose(1, 0, 2, 3)
+            for index, flip in enumerate(passes):
+                pass_boxes = boxes if flip is None or boxes is None else mirror_network_box(boxes, flip, geometry.size)
+                batch_probabilities = self._slice_probabilities(case, batch, batch_available, pass_boxes, flip)
+                probabilities[index][:, batch] = \
+                    geometry.from_network(batch_probabilities).cpu().numpy().transpose(1, 0, 2, 3)
         if cancel():
             raise CancelledError("segmentation cancelled; nothing was written")
-        return probabilities
+        return tuple(probabilities)
 
-    def _cached_embeddings(self, case: PreparedCase, batch: np.ndarray, available: torch.Tensor) -> torch.Tensor:
-        """Embeddings of the batch's slices, encoding only those the cache does not hold."""
-        keys = [(id(self.method), case.fingerprint, int(z)) for z in batch]
+    def _slice_probabilities(self, case: PreparedCase, batch: np.ndarray, available: torch.Tensor,
+                             boxes: torch.Tensor | None, flip: int | None) -> torch.Tensor:
+        """[N, K, 256, 256] float32 on the network grid for the batch's slices; ``flip``: the pass on
+        the slices flipped along that dim (boxes already mirrored), its output flipped back."""
+        with self._autocast():
+            if self.embedding_cache is None:
+                images = case.network_slices(batch).to(self.device)
+                images = images if flip is None else images.flip(flip)
+                batch_probabilities = self.method.predict_proba(images, available, boxes)
+            else:
+                embeddings = self._cached_embeddings(case, batch, available, flip)
+                batch_probabilities = self.method.decode_proba(embeddings, available, boxes)
+        batch_probabilities = batch_probabilities.float()
+        return batch_probabilities if flip is None else batch_probabilities.flip(flip)
+
+    def _cached_embeddings(self, case: PreparedCase, batch: np.ndarray, available: torch.Tensor,
+                           flip: int | None = None) -> torch.Tensor:
+        """Embeddings of the batch's slices (flipped along ``flip`` if given: the mirrored pass's own
+        entries), encoding only those the cache does not hold."""
+        keys = [(id(self.method), case.fingerprint, int(z)) + (() if flip is None else (("mirror", flip),))
+                for z in batch]
         missing = [i for i, key in enumerate(keys) if self.embedding_cache.get(key) is None]
         if missing:
             images = case.network_slices(batch[missing]).to(self.device)
+            images = images if flip is None else images.flip(flip)
             encoded = self.method.encode(images, available[missing])
             for i, embedding in zip(missing, encoded):
                 self.embedding_cache.put(keys[i], embedding)
         return torch.stack([self.embedding_cache.get(key) for key in keys]).to(self.device)
 
     def _segment_patches(self, case: PreparedCase, progress: ProgressCallback,
-                         cancel: CancelCheck) -> np.ndarray:
-        """3D methods: MONAI sliding-window inference with Gaussian weighting on the reference grid."""
+                         cancel: CancelCheck, mirror: int | None = None) -> tuple[np.ndarray, ...]:
+        """3D methods: MONAI sliding-window inference with Gaussian weighting on the reference grid.
+        With ``mirror`` (the array axis to mirror) each patch is also run flipped along it and the
+        flipped-back prediction aggregated as K more channels: the same windows and weights for both
+        passes (the aggregation is linear), so the two are split from one output."""
         from monai.inferers import sliding_window_inference
 
         facts = self.method.facts
@@ -277,12 +321,19 @@ class InferenceEngine:
         def predictor(patches: torch.Tensor) -> torch.Tensor:
             if cancel():
                 raise CancelledError("segmentation cancelled; nothing was written")
+            patch_available = available.expand(len(patches), -1)
             with self._autocast():
-                return self.method.predict_proba(patches, available.expand(len(patches), -1)).float()
+                plain = self.method.predict_proba(patches, patch_available).float()
+                if mirror is None:
+                    return plain
+                flip = mirror + 2  # dim of [B, C, D, H, W]
+                mirrored = self.method.predict_proba(patches.flip(flip), patch_available).float().flip(flip)
+            return torch.cat([plain, mirrored], dim=1)
 
         progress(0.0, f"{facts.name}: sliding window over {case.shape_zyx}")
         output = sliding_window_inference(
             volume, roi_size=facts.input_size, sw_batch_size=self.batch_size, predictor=predictor,
             overlap=self.overlap, mode="gaussian", progress=False)
         progress(0.95, f"{facts.name}: patches done")
-        return output[0].cpu().numpy().astype(np.float32)
+        output = output[0].cpu().numpy().astype(np.float32)
+        return (output,) if mirror is None else (output[:len(facts.labels)], output[len(facts.labels):])

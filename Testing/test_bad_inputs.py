@@ -200,6 +200,20 @@ def _probabilities_not_writable(ctx):
             [f"output folder {UNWRITABLE}", "not writable"])
 
 
+def _uncertainty_not_a_volume_name(ctx):
+    return (ctx.segment("--case-dir", ctx.case, "--box", BOX_INSIDE, "--uncertainty", ctx.output / "uncertainty.txt"),
+            ["--uncertainty", "uncertainty.txt", ".nii.gz"])
+
+
+def _uncertainty_of_sagittal_slices(ctx):
+    # The same FLAIR with its axes permuted: the voxels lie where they lay, but the array's slices
+    # (axis k) now run left-right, across which a 2D method cannot mirror.
+    path = ctx.input / "sagittal_flair.nii.gz"
+    sitk.WriteImage(sitk.PermuteAxes(read(modality_file(ctx.case, "flair")), [2, 1, 0]), str(path))
+    return (ctx.segment("--flair", path, "--uncertainty", ctx.output / "uncertainty.nii.gz"),
+            ["left-right", "sagittal", "without the uncertainty map"])
+
+
 def _batch_output_not_writable(ctx):
     return (["batch", "--input", ctx.cases_root, "--output", UNWRITABLE / "results", "--method", "unet2d",
              "--weights", ctx.weights], [str(UNWRITABLE), "not writable"])
@@ -244,6 +258,8 @@ BAD_INPUTS = [BadInput(*row) for row in (
     ("output is a folder", "error", _output_is_a_folder),
     ("report folder not writable", "error", _report_folder_not_writable),
     ("probabilities folder not writable", "error", _probabilities_not_writable),
+    ("uncertainty map not named as a volume", "error", _uncertainty_not_a_volume_name),
+    ("uncertainty map of sagittal slices (2D method)", "error", _uncertainty_of_sagittal_slices),
     ("batch output folder not writable", "error", _batch_output_not_writable),
     ("evaluate output not writable", "error", _evaluate_output_not_writable),
     ("sample output not writable", "error", _sample_output_not_writable),

@@ -248,6 +248,51 @@ def test_segment_refuses_to_overwrite_unless_asked(capsys, case_dir, weights, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]
 
 
+def test_segment_uncertainty_writes_the_map_and_keeps_existing_files(capsys, case_dir, weights, tmp_path):
+    out, uncertainty, probabilities = tmp_path / "labels.nii.gz", tmp_path / "u.nii.gz", tmp_path / "p.nii.gz"
+    inputs = ("--case-dir", case_dir, "--box", "30,35,25,85,90,32")
+    args = segment_args(weights, out, *inputs, "--uncertainty", uncertainty, "--probabilities", probabilities)
+    code, stdout, stderr = run_cli(capsys, args)
+    assert code == 0, stderr
+    assert f"wrote {uncertainty}" in stdout and f"wrote {probabilities}" in stdout
+    reference = read(modality_file(case_dir, "t1ce"))
+    assert_same_geometry(read(uncertainty), reference)
+    values = array_of(uncertainty)
+    assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0
+    assert values.max() > 0.0, "a random network disagrees with its mirror image somewhere"
+    assert not values[:25].any() and not values[33:].any(), "the map is 0 outside the box"
+    mean = array_of(probabilities)  # the two passes' mean: the labels are its argmax inside the box
+    labels = array_of(out)
+    np.testing.assert_array_equal(np.array([0, 1, 2, 4])[mean.argmax(-1)][25:33, 35:91, 30:86],
+                                  labels[25:33, 35:91, 30:86])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz", "p.nii.gz", "u.nii.gz"]
+
+    before = uncertainty.read_bytes()
+    code, stdout, stderr = run_cli(capsys, segment_args(weights, tmp_path / "new.nii.gz", *inputs,
+                                                        "--uncertainty", uncertainty))
+    assert code == 1 and str(uncertainty) in error_message(stderr) and "--uncertainty or add --overwrite" in stderr
+    code, stdout, stderr = run_cli(capsys, segment_args(weights, tmp_path / "new.nii.gz", *inputs,
+                                                        "--uncertainty", tmp_path / "u.txt"))
+    assert code == 1 and "--uncertainty u.txt: name the volume .nii.gz" in error_message(stderr)
+    assert uncertainty.read_bytes() == before and leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz", "p.nii.gz", "u.nii.gz"]
+    code, _, stderr = run_cli(capsys, args + ["--overwrite"])
+    assert code == 0, stderr
+
+
+def test_batch_uncertainty_writes_one_map_per_case(capsys, cases_root, weights, tmp_path):
+    batch_in = tmp_path / "in"
+    shutil.copytree(cases_root / CASE_IDS[0], batch_in / CASE_IDS[0])
+    batch_out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, ["batch", "--input", batch_in, "--output", batch_out, "--method", "unet2d",
+                                       "--weights", weights, "--uncertainty"])
+    assert code == 0, stderr
+    assert sorted(p.name for p in batch_out.iterdir()) == sorted(
+        [f"{CASE_IDS[0]}.nii.gz", f"{CASE_IDS[0]}_uncertainty.nii.gz", "summary.csv"])
+    assert_same_geometry(read(batch_out / f"{CASE_IDS[0]}_uncertainty.nii.gz"),
+                         read(modality_file(cases_root / CASE_IDS[0], "t1ce")))
+
+
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_segment_rejects_a_batch_size_below_one(capsys, value, case_dir, weights, tmp_path):
     out = tmp_path / "labels.nii.gz"

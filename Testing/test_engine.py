@@ -140,7 +140,9 @@ def test_3d_patch_path_matches_a_single_window():
     method = FlairOnly3D().eval()
     images, labels = blob_case((16, 32, 32), spacing=(1.0, 1.0, 2.0), direction=oblique_direction(10))
     case = prepare_case({"flair": images["flair"]})
-    result = InferenceEngine(method, "cpu").segment(case, return_probabilities=True)
+    # No clean-up: the expectation below is the network alone (it once matched only because the engine
+    # shrank case.brain_mask in place, see test_segmenting_leaves_the_prepared_case_unchanged).
+    result = InferenceEngine(method, "cpu", min_component_ml=0).segment(case, return_probabilities=True)
     with torch.no_grad():
         direct = method.predict_proba(torch.as_tensor(case.images[None]), torch.as_tensor(case.available[None]))
     expected = np.where(case.brain_mask, direct[0].argmax(0).numpy(), 0)
@@ -199,3 +201,15 @@ def test_embedding_cache_reencodes_only_new_slices_and_changes_nothing():
     assert runs[0] == len(brain & set(range(2, 8)))
     assert runs[1] == len(brain & set(range(8, 10)))  # slices 4-7 come from the cache
     assert len(cached.embedding_cache) == len(brain & set(range(2, 10)))
+
+
+def test_segmenting_leaves_the_prepared_case_unchanged(model, oblique_case):
+    # The Slicer logic and the web page keep one PreparedCase for every Segment and Refine.
+    case, _ = oblique_case
+    mask, images = case.brain_mask.copy(), case.images.copy()
+    engine = InferenceEngine(model, "cpu", min_component_ml=50)  # the clean-up removes components here
+    first = engine.segment(case, return_probabilities=True)
+    assert np.array_equal(case.brain_mask, mask) and np.array_equal(case.images, images)
+    second = engine.segment(case, return_probabilities=True)
+    for a, b in ((first.labels, second.labels), (first.probabilities, second.probabilities)):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))

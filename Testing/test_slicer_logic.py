@@ -107,6 +107,34 @@ def test_worker_thread_job_touches_the_scene_only_in_finish(case, library_labels
     assert job.finish() is outcome  # applied once
 
 
+def test_uncertainty_map_becomes_a_volume_node_on_the_reference_grid(case):
+    logic, scene, nodes = case["logic"], case["scene"], case["nodes"]
+    output = mrml.newSegmentationNode(scene, "tta", nodes["t1ce"])
+    users = mrml.addVolumeNodeFromImage(scene, case["images"]["flair"], "tta uncertainty")  # the user's own node
+    users_voxels = mrml.volumeArray(users)
+    plain = logic.process(nodes, "unet2d", device="cpu", outputSegmentation=output)
+    assert plain.uncertaintyNode is None and plain.result.uncertainty is None
+    fractions = []
+    outcome = logic.process(nodes, "unet2d", device="cpu", outputSegmentation=output, uncertainty=True,
+                            progressCallback=lambda f, m: fractions.append(f))
+    node = outcome.uncertaintyNode
+    assert node is not users and node.GetName() != "tta uncertainty" and node.GetName().startswith("tta uncertainty")
+    assert np.array_equal(mrml.volumeArray(users), users_voxels), "a user's node was changed"
+    assert output.GetNodeReference("BrainLesionSAMUncertainty") is node
+    assert np.allclose(mrml.ijkToRas(node), mrml.ijkToRas(nodes["t1ce"]), atol=1e-9)
+    values = mrml.volumeArray(node)
+    assert values.dtype == np.float32 and values.shape == mrml.volumeShape(nodes["t1ce"])
+    expected = load_and_segment(case["images"], "unet2d", device="cpu", mirror_tta=True).result
+    np.testing.assert_array_equal(values, sitk.GetArrayFromImage(expected.uncertainty))
+    assert 0.0 <= values.min() and values.max() <= 1.0
+    labels, _ = mrml.labelsFromSegmentation(output, nodes["t1ce"])
+    assert np.array_equal(labels, sitk.GetArrayFromImage(expected.labels))  # the two passes' mean
+    assert fractions == sorted(fractions)
+    before = node_ids(scene)
+    again = logic.process(nodes, "unet2d", device="cpu", outputSegmentation=output, uncertainty=True)
+    assert again.uncertaintyNode is node and node_ids(scene) == before  # its own map is updated in place
+
+
 def test_cancel_leaves_the_scene_unchanged(case):
     logic, scene, nodes = case["logic"], case["scene"], case["nodes"]
     before = node_ids(scene)

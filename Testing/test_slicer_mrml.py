@@ -150,6 +150,22 @@ def terminology_codes(entry):
     return {"category": parts[1], "type": parts[2], "region": parts[5]}
 
 
+def test_a_map_lies_on_the_reference_grid_and_follows_its_transform(scene):
+    reference = mrml.addVolumeNodeFromImage(scene, oblique_image(), "t1ce")
+    reference.SetAndObserveTransformNodeID(linear_transform_node(scene, rotation((1, 1, 0), 15, (5, -3, 2))).GetID())
+    values = np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "map")
+    mrml.writeMapOnReference(node, values, reference)
+    assert np.array_equal(mrml.volumeArray(node), values)
+    assert np.allclose(mrml.ijkToRas(node), mrml.ijkToRas(reference), atol=1e-9)  # world, through the transform
+    assert node.GetTransformNodeID() == reference.GetTransformNodeID()
+    display = node.GetDisplayNode()
+    assert display.GetColorNodeID() == mrml.MAP_COLOR_NODE_ID and not display.GetAutoWindowLevel()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
+    with pytest.raises(GeometryError, match="shape"):
+        mrml.writeMapOnReference(node, values[:-1], reference)
+
+
 def test_labelmap_becomes_named_coloured_segments_with_terminology(scene):
     reference = mrml.addVolumeNodeFromImage(scene, oblique_image(), "t1ce")
     labels = sample_labels()

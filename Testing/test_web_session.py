@@ -248,6 +248,36 @@ def test_save_writes_both_files_and_never_overwrites_without_confirmation(sessio
         session.save(folder, "../case")
 
 
+def test_uncertainty_layer_is_shown_hidden_and_saved(session, tmp_path):
+    assert session.uncertainty_node() is None  # segmented without it so far
+    outcome = session.finish(run(session.start_segment("unet2d", "cpu", uncertainty=True)), "segment")
+    node = session.uncertainty_node()
+    assert node is outcome.uncertaintyNode and node.GetName() == f"{outcome.segmentationNode.GetName()} uncertainty"
+    reference = session.reference_node()
+    assert np.allclose(mrml.ijkToRas(node), mrml.ijkToRas(reference)) and \
+        mrml.volumeShape(node) == mrml.volumeShape(reference)
+    slice_views = session.slice_views()
+    assert all(v.get_foreground_volume_id() == node.GetID() for v in slice_views)
+    assert all(v.get_foreground_opacity() > 0 for v in slice_views)
+    session.show_background(session.inputs["t1ce"])  # another background keeps the layer
+    assert all(v.get_foreground_volume_id() == node.GetID() for v in slice_views)
+    session.show_uncertainty(False)
+    assert all(v.get_foreground_volume_id() is None for v in slice_views)
+    session.show_uncertainty(True)
+    paths = session.save(tmp_path, "tta")
+    assert [p.name for p in paths] == ["tta.seg.nrrd", "tta.nii.gz", "tta_uncertainty.nii.gz"]
+    saved = sitk.ReadImage(str(paths[2]))
+    labels = sitk.ReadImage(str(paths[1]))
+    assert saved.GetSize() == labels.GetSize() and np.allclose(saved.GetOrigin(), labels.GetOrigin())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(saved), sitk.GetArrayFromImage(outcome.result.uncertainty))
+    with pytest.raises(FilesExistError) as refused:
+        session.save(tmp_path, "tta")
+    assert refused.value.paths == paths
+    session.finish(run(session.start_segment("unet2d", "cpu")), "segment")  # a new result without the map
+    assert node.GetScene() is None and session.uncertainty_node() is None
+    assert all(v.get_foreground_volume_id() is None for v in slice_views)
+
+
 def test_remote_host_needs_the_explicit_flag():
     assert check_host("127.0.0.1", False) == "" and check_host("localhost", False) == ""
     assert "NO authentication" in check_host("0.0.0.0", True)

@@ -13,11 +13,13 @@ Test groups (seeds never used in training: training pools use (0, pool, i), vali
 
 Every weights file is scored on the same cases with the library's engine (fully automatic, no
 box), each raw prediction also cleaned by ``BrainLesionSAMLib.postprocessing`` at every threshold
-of THRESHOLDS_ML (the engine itself runs with the clean-up off here). Printed per group and model: Dice WT / TC / ET (mean over cases with that region), BraTS 2023
-lesion detection on the whole tumour's connected components (sensitivity, false-positive lesions
-per case), labelled volume on
-healthy cases (ml) and the worst predicted / true whole-tumour volume ratio. Per-case rows and the
-means go to ``--out`` (JSON) for docs/generalisation.md.
+of THRESHOLDS_ML (the engine itself runs with the clean-up off here). Printed per group and model:
+Dice WT / TC / ET (mean over cases with that region), lesion detection on the whole tumour's
+26-connected components (sensitivity, false-positive lesions per case), labelled volume on healthy
+cases (ml) and the worst predicted / true whole-tumour volume ratio; at the end the same pooled over
+the synthetic groups per case size bin (whole-tumour volume) and per lesion type, at the engine's
+0.1 ml clean-up. A weights file of ``WEIGHTS`` that does not exist is left out. Per-case rows, the
+means and the breakdowns go to ``--out`` (JSON) for docs/generalisation.md.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ from Training.synthesis import SHIFTED, TRAINING, synthesise_case  # noqa: E402
 
 TEST_SEED = 424242
 WEIGHTS = {"phantom (v1)": REPO / "BrainLesionSAMLib/weights/unet2d_sample.safetensors",
-           "synthesis (v2)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis.safetensors"}
+           "synthesis (v2)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis.safetensors",
+           "synthesis (v3)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis_v3.safetensors"}
 REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
 THRESHOLDS_ML = (0.0, 0.1, 0.5)  # connected-component clean-up swept on the raw prediction
 
@@ -91,6 +94,31 @@ def score(prediction: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, .
     return row
 
 
+SIZE_BINS_ML = ((0.0, 0.0, "healthy"), (0.0, 5.0, "<5 ml"), (5.0, 50.0, "5-50 ml"),
+                (50.0, 200.0, "50-200 ml"), (200.0, float("inf"), ">200 ml"))
+
+
+def size_bin(true_ml: float) -> str:
+    """The case's whole-tumour volume bin (a case, not a lesion: several lesions add up)."""
+    if true_ml == 0:
+        return "healthy"
+    return next(name for low, high, name in SIZE_BINS_ML[1:] if low < true_ml <= high)
+
+
+def breakdowns(results: dict, model_key: str) -> dict[str, dict[str, dict]]:
+    """Pooled over the synthetic groups: the summary per case size bin and per lesion type."""
+    rows = [row for group, models in results["groups"].items() if not group.startswith("sample")
+            for row in models.get(model_key, {}).get("rows", [])]
+    tables: dict[str, dict[str, dict]] = {"size": {}, "type": {}}
+    for name in [b[2] for b in SIZE_BINS_ML]:
+        chosen = [r for r in rows if size_bin(r["true_ml"]) == name]
+        if chosen:
+            tables["size"][name] = summarise(chosen)
+    for kind in sorted({k for r in rows for k in r["kind"].split("+")}):
+        tables["type"][kind] = summarise([r for r in rows if kind in r["kind"].split("+")])
+    return tables
+
+
 def summarise(rows: list[dict]) -> dict:
     out = {"cases": len(rows)}
     for key in ("WT_dice", "TC_dice", "ET_dice"):
@@ -112,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", nargs="*", help="only these groups")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "generalisation_results.json")
     args = parser.parse_args(argv)
-    models = {name: load(path) for name, path in WEIGHTS.items()}
+    models = {name: load(path) for name, path in WEIGHTS.items() if path.exists()}
     results: dict = {"cases_per_group": args.cases, "groups": {}}
     for group, spec in groups().items():
         if args.groups and group not in args.groups:
@@ -135,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")  # a partial run keeps its groups
         for name in rows:
             print(f"  {group:18s} {name:28s} {json.dumps(results['groups'][group][name]['summary'])}", flush=True)
+    results["breakdowns"] = {name: breakdowns(results, f"{name} cc>=0.1ml") for name in models}
+    for name, tables in results["breakdowns"].items():
+        for table, entries in tables.items():
+            for key, summary in entries.items():
+                print(f"  by {table:4s} {key:16s} {name:16s} {json.dumps(summary)}")
     args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(f"wrote {args.out}")
     return 0

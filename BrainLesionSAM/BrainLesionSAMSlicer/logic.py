@@ -5,6 +5,7 @@
     job = logic.process(inputs, "unet2d", waitForCompletion=False)                     # worker thread
     ... job.wait(0.05); job.progress; job.cancel() ...; outcome = job.finish()          # main thread
     logic.refine(inputs, "litemedsam", outcome.segmentationNode, segmentId, roiNode)   # box refinement
+    logic.process(inputs, "unet2d", uncertainty=True).uncertaintyNode                 # + mirror-TTA map
 
 Where the work runs. The network runs in a worker thread of Slicer's own process (not in a
 PythonSlicer subprocess), because:
@@ -49,6 +50,7 @@ CancelCheck = Callable[[], bool]
 
 VOLUMES_TABLE_ROLE = "BrainLesionSAMVolumesTable"
 CASE_WEIGHTS_TABLE_ROLE = "BrainLesionSAMCaseWeightsTable"
+UNCERTAINTY_ROLE = "BrainLesionSAMUncertainty"  # the segmentation's uncertainty map (a scalar volume node)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class SegmentationOutcome:
     changedVoxels: dict[str, int] | None = None   # refinement: voxels added / removed in the segment
     volumesTable: Any = None
     caseWeightsTable: Any = None
+    uncertaintyNode: Any = None                   # scalar volume '<segmentation> uncertainty', if asked for
 
 
 class Job:
@@ -197,6 +200,7 @@ class _Request:
     output: Any = None                # segmentation node (segment: user-picked output; refine: target)
     segmentId: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    mirrorTta: bool = False           # also run mirrored: the result carries the uncertainty map
 
 
 def _stage(progress: ProgressCallback, start: float, end: float) -> ProgressCallback:
@@ -303,12 +307,16 @@ class SegmentationLogic:
     # ------------------------------------------------------------------ running
     def process(self, inputs: Mapping[str, Any], method: str, weights=None, device: str = "auto",
                 outputSegmentation=None, box=None, waitForCompletion: bool = True,
-                progressCallback: ProgressCallback | None = None, cancel: CancelCheck | None = None):
+                progressCallback: ProgressCallback | None = None, cancel: CancelCheck | None = None,
+                uncertainty: bool = False):
         """Segment the whole case (or, for promptable methods, inside ``box``: an ROI node or a
         reference voxel box). The result goes into ``outputSegmentation`` when given (the user picked
-        it), else into a new segmentation node. Returns a SegmentationOutcome, or a started Job when
+        it), else into a new segmentation node. ``uncertainty``: mirror test-time augmentation (about
+        twice the time), its map in a scalar volume node '<segmentation> uncertainty' linked to the
+        segmentation (``outcome.uncertaintyNode``). Returns a SegmentationOutcome, or a started Job when
         ``waitForCompletion`` is False (``progressCallback`` is then called from the worker thread)."""
-        return self._run(lambda: self._request("segment", inputs, method, weights, device, box, outputSegmentation),
+        return self._run(lambda: self._request("segment", inputs, method, weights, device, box, outputSegmentation,
+                                               mirrorTta=uncertainty),
                          self._applySegmentation, waitForCompletion, progressCallback, cancel)
 
     def refine(self, inputs: Mapping[str, Any], method: str, segmentationNode, segmentId: str, roiNode,
@@ -344,7 +352,8 @@ class SegmentationLogic:
         return len(cache) if cache is not None else 0
 
     # ------------------------------------------------------------------ internals (main thread)
-    def _request(self, kind, inputs, method, weights, device, box, output, segmentId=None) -> _Request:
+    def _request(self, kind, inputs, method, weights, device, box, output, segmentId=None,
+                 mirrorTta: bool = False) -> _Request:
         dependencies.requireDependencies()
         info = self.methodInfo(method)
         given = {key: node for key, node in (inputs or {}).items() if node is not None}
@@ -379,7 +388,7 @@ class SegmentationLogic:
                          tuple(np.round(mrml.ijkToRas(node), 9).ravel())) for key, node in used.items())
         images = {} if caseKey == self._caseKey else {key: mrml.imageFromVolumeNode(node) for key, node in used.items()}
         return _Request(kind, method, self._weightsKey(method, weights), str(device), images, used, referenceKey,
-                        caseKey, voxelBox, output, segmentId)
+                        caseKey, voxelBox, output, segmentId, mirrorTta=bool(mirrorTta))
 
     def _weightsKey(self, method: str, weights) -> tuple:
         if weights is None or weights == "default" or weights == "":
@@ -430,7 +439,8 @@ class SegmentationLogic:
         from BrainLesionSAMLib.engine import Box
 
         box = Box(*request.box) if request.box is not None else None
-        result = engine.segment(self._case, box=box, progress=_stage(progress, 0.15, 0.97), cancel=cancel)
+        result = engine.segment(self._case, box=box, progress=_stage(progress, 0.15, 0.97), cancel=cancel,
+                                mirror_tta=request.mirrorTta)
         timings = {"model_s": modelTime, "preprocessing_s": preprocessingTime, **result.timings}
         progress(0.98, "writing the segmentation")
         return {"result": result, "timings": timings, "device": result.device}
@@ -487,12 +497,17 @@ class SegmentationLogic:
         return volumesTable, weightsTable, volumes
 
     def _linkedTable(self, segmentationNode, role: str, suffix: str):
-        table = segmentationNode.GetNodeReference(role)
-        if table is None or table.GetScene() is not self.scene:
-            table = self.scene.AddNewNodeByClass("vtkMRMLTableNode",
-                                                 self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} {suffix}"))
-            segmentationNode.SetNodeReferenceID(role, table.GetID())
-        return table
+        return self._linkedNode(segmentationNode, role, suffix, "vtkMRMLTableNode")
+
+    def _linkedNode(self, segmentationNode, role: str, suffix: str, className: str):
+        """The node the segmentation references under ``role`` (made by an earlier run: reused), else a
+        new one named '<segmentation> <suffix>' (a unique name: a user's node is never replaced)."""
+        node = segmentationNode.GetNodeReference(role)
+        if node is None or node.GetScene() is not self.scene or not node.IsA(className):
+            node = self.scene.AddNewNodeByClass(className,
+                                                self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} {suffix}"))
+            segmentationNode.SetNodeReferenceID(role, node.GetID())
+        return node
 
     def _applySegmentation(self, request: _Request, computed: dict) -> SegmentationOutcome:
         start = time.perf_counter()
@@ -504,10 +519,14 @@ class SegmentationLogic:
         labels = sitk.GetArrayFromImage(result.labels)
         ids = mrml.writeLabelsToSegmentation(output, labels, reference, result.label_set, request.method)
         volumesTable, weightsTable, volumes = self._tables(output, reference, result.case_weights)
+        uncertaintyNode = None
+        if result.uncertainty is not None:
+            uncertaintyNode = self._linkedNode(output, UNCERTAINTY_ROLE, "uncertainty", "vtkMRMLScalarVolumeNode")
+            mrml.writeMapOnReference(uncertaintyNode, sitk.GetArrayFromImage(result.uncertainty), reference)
         timings = {**computed["timings"], "apply_s": time.perf_counter() - start}
         return SegmentationOutcome(output, ids, volumes, dict(result.case_weights), timings, computed["device"],
                                    request.method, result.label_set, result, request.box, None, volumesTable,
-                                   weightsTable)
+                                   weightsTable, uncertaintyNode)
 
     def _applyRefinement(self, request: _Request, computed: dict) -> SegmentationOutcome:
         start = time.perf_counter()

@@ -148,6 +148,26 @@ def addVolumeNodeFromImage(scene, image: sitk.Image, name: str, className: str =
     return node
 
 
+# How a map in [0, 1] (the uncertainty map) is shown: Slicer's built-in heat colour table, fixed window.
+MAP_COLOR_NODE_ID = "vtkMRMLColorTableNodeIron"
+
+
+def writeMapOnReference(volumeNode, array_kji: np.ndarray, referenceVolumeNode) -> None:
+    """Make ``volumeNode`` a float volume holding ``array_kji`` (values in [0, 1], on the reference
+    grid) with the reference's own geometry and under its parent transform - so it follows the
+    reference as the segmentation does - shown with a heat colour table over the fixed range 0-1."""
+    _checkOnReference(array_kji, referenceVolumeNode, "the map")
+    slicer.util.updateVolumeFromArray(volumeNode, np.ascontiguousarray(array_kji, dtype=np.float32))
+    volumeNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRas(referenceVolumeNode, world=False)))
+    volumeNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+    if volumeNode.GetDisplayNode() is None:
+        volumeNode.CreateDefaultDisplayNodes()
+    display = volumeNode.GetDisplayNode()
+    display.SetAndObserveColorNodeID(MAP_COLOR_NODE_ID)
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+
+
 def volumeShape(volumeNode) -> tuple[int, int, int]:
     """[k, j, i] shape of the volume's voxel array."""
     return tuple(reversed(volumeNode.GetImageData().GetDimensions()))

@@ -92,6 +92,9 @@ class WebApp:
             "devices": [{"title": label, "value": key} for key, label in devices],
             "device": "auto",
             "device_summary": device_summary,
+            "uncertainty": False,
+            "has_uncertainty": False,
+            "show_uncertainty": True,
             "running": False,
             "progress": 0,
             "progress_message": "",
@@ -114,6 +117,7 @@ class WebApp:
             self.state.change(f"input_{key}")(self._make_input_handler(key))
         self.state.change("method", "refine_method", "refine_segment")(lambda **_: self._update_checks())
         self.state.change("background_id")(self._on_background)
+        self.state.change("show_uncertainty")(lambda show_uncertainty=True, **_: self.session.show_uncertainty(show_uncertainty))
 
     def _make_input_handler(self, key: str):
         def handler(**_):
@@ -165,6 +169,7 @@ class WebApp:
             largest = max(session.volume_rows()[: len(ids)], key=lambda row: row.ml, default=None)
             state.refine_segment = next((sid for sid, name, _ in segments if largest and name == largest.name), None)
         state.save_name = state.save_name or session.default_output_name()
+        state.has_uncertainty = session.uncertainty_node() is not None
 
     def _show_error(self, error: BaseException) -> None:
         self.state.error = str(error) if isinstance(error, BrainLesionSAMError) else \
@@ -204,6 +209,7 @@ class WebApp:
         state.background_id = session.background_id
         state.loaded_case = session.case_name
         state.volume_rows, state.segments, state.refine_segment = [], [], None
+        state.has_uncertainty = False
         state.saved_paths, state.save_name = [], ""
         if session.volume_ids:
             assigned = [MODALITY_DISPLAY_NAMES[k] for k in MODALITIES if session.inputs[k]]
@@ -213,7 +219,8 @@ class WebApp:
 
     # ------------------------------------------------------------------ jobs
     def segment(self) -> None:
-        self._start("segment", lambda: self.session.start_segment(self.state.method, self.state.device))
+        self._start("segment", lambda: self.session.start_segment(self.state.method, self.state.device,
+                                                                  bool(self.state.uncertainty)))
 
     def refine(self) -> None:
         self._start("refine", lambda: self.session.start_refine(self.state.refine_method, self.state.refine_segment,
@@ -409,6 +416,8 @@ class WebApp:
                     html.Div("{{ method_modalities }}", classes="text-caption", id="blsam-method-modalities")
                     v3.VSelect(label="device", items=("devices",), v_model=("device",), density="compact",
                                hide_details=True, id="blsam-device", disabled=(busy,))
+                    v3.VCheckbox(label="uncertainty map (mirror TTA, about twice the time)", v_model=("uncertainty",),
+                                 density="compact", hide_details=True, id="blsam-uncertainty", disabled=(busy,))
                     with html.Div(classes="d-flex", style="gap: 6px;"):
                         v3.VBtn("Segment", click=self.segment, color="primary", id="blsam-segment",
                                 disabled=(f"!!segment_problem || {busy}",))
@@ -439,6 +448,10 @@ class WebApp:
                                         html.Span("{{ row.name }}")
                                     html.Td("{{ row.ml }}", classes="text-right blsam-ml")
                                     html.Td("{{ row.voxels }}", classes="text-right")
+
+                    v3.VSwitch(v_if="has_uncertainty", label="show the uncertainty map (0-1, heat colours)",
+                               v_model=("show_uncertainty",), density="compact", hide_details=True, color="primary",
+                               id="blsam-show-uncertainty")
 
                     # -- box refinement
                     v3.VDivider()

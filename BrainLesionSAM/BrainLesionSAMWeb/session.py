@@ -1,6 +1,7 @@
 """What one page works on, without a web server: the case and its volume nodes, the modality
 inputs, Segment / Refine as background jobs of the module's ``SegmentationLogic``, the result shown
-in the views, the refinement box (an ROI markup) and Save.
+in the views (with the uncertainty map of mirror test-time augmentation as a slice-view layer, when
+asked for), the refinement box (an ROI markup) and Save.
 
 Everything that touches MRML runs on the caller's thread (the trame event loop, or a test); only
 the network runs in the logic's worker thread, and a job's result reaches the scene only through
@@ -22,12 +23,14 @@ from BrainLesionSAMLib.errors import BrainLesionSAMError, GeometryError, InputIm
 from BrainLesionSAMLib.io import (IMAGE_SUFFIXES, LABEL_PATTERN, check_writable, discover_case, read_image,
                                   write_image)
 from BrainLesionSAMSlicer import mrml
-from BrainLesionSAMSlicer.logic import CASE_WEIGHTS_TABLE_ROLE, VOLUMES_TABLE_ROLE, MethodInfo, SegmentationLogic
+from BrainLesionSAMSlicer.logic import (CASE_WEIGHTS_TABLE_ROLE, UNCERTAINTY_ROLE, VOLUMES_TABLE_ROLE, MethodInfo,
+                                        SegmentationLogic)
 
 # Display of the result: fixed opacities (and the BraTS colours of the label set, set again on
 # every result) so that two screenshots of the same result are comparable.
 FILL_OPACITY_2D = 0.5
 OUTLINE_OPACITY_2D = 1.0
+UNCERTAINTY_OPACITY = 0.6  # the uncertainty map over the background volume (foreground layer)
 ROI_COLOR = (0.2, 0.6, 1.0)
 BACKGROUND_PREFERENCE = ("flair", "t1ce", "t2", "t1")
 
@@ -89,6 +92,7 @@ class WebSession:
         self.outcome = None
         self.roi = None
         self.last_method = ""
+        self.uncertainty_visible = True
 
     # ------------------------------------------------------------------ cases and volumes
     def list_cases(self) -> list[str]:
@@ -213,7 +217,24 @@ class WebSession:
         node = self.scene.GetNodeByID(node_id) if node_id else None
         self.background_id = node.GetID() if node is not None else None
         self.app.display_manager.show_volume_in_slice_background(node)
-        self.app.display_manager.show_volume_in_slice_foreground(None)
+        self._show_uncertainty_layer()
+
+    def uncertainty_node(self):
+        """The result's uncertainty map (a scalar volume node), or None: segmented without it."""
+        node = self.segmentation.GetNodeReference(UNCERTAINTY_ROLE) if self.segmentation is not None else None
+        return node if node is not None and node.GetScene() is self.scene else None
+
+    def show_uncertainty(self, visible: bool) -> None:
+        """Show (or hide) the uncertainty map as the slice views' foreground layer."""
+        self.uncertainty_visible = bool(visible)
+        self._show_uncertainty_layer()
+
+    def _show_uncertainty_layer(self) -> None:
+        node = self.uncertainty_node() if self.uncertainty_visible else None
+        self.app.display_manager.show_volume_in_slice_foreground(node)
+        for view in self.slice_views():
+            view.set_foreground_opacity(UNCERTAINTY_OPACITY if node is not None else 0.0)
+            view.schedule_render()
 
     def reset_views(self) -> None:
         for view in self.slice_views():
@@ -315,15 +336,17 @@ class WebSession:
         return ""
 
     # ------------------------------------------------------------------ jobs
-    def start_segment(self, method: str, device: str = "auto"):
-        """A started Job (worker thread); the caller polls it and calls :meth:`finish`."""
+    def start_segment(self, method: str, device: str = "auto", uncertainty: bool = False):
+        """A started Job (worker thread); the caller polls it and calls :meth:`finish`. ``uncertainty``:
+        mirror test-time augmentation (about twice the time), its map shown as a layer."""
         problem = self.segment_problem(method)
         if problem:
             raise BrainLesionSAMError(problem)
         info = self.method_info(method)
         box = self.roi if (info.promptable and self.has_box()) else None
         self.last_method = method
-        return self.logic.process(self.input_nodes(), method, device=device, box=box, waitForCompletion=False)
+        return self.logic.process(self.input_nodes(), method, device=device, box=box, waitForCompletion=False,
+                                  uncertainty=uncertainty)
 
     def start_refine(self, method: str, segment_id: str, device: str = "auto"):
         problem = self.refine_problem(method, segment_id)
@@ -341,6 +364,7 @@ class WebSession:
         self.segmentation = outcome.segmentationNode
         self.outcome = outcome
         self._style_result()
+        self._show_uncertainty_layer()
         if kind == "segment":
             self._centre_on_result(outcome)
         return outcome
@@ -348,7 +372,7 @@ class WebSession:
     def _remove_segmentation(self, node) -> None:
         if node is None or node.GetScene() is not self.scene:
             return
-        for role in (VOLUMES_TABLE_ROLE, CASE_WEIGHTS_TABLE_ROLE):
+        for role in (VOLUMES_TABLE_ROLE, CASE_WEIGHTS_TABLE_ROLE, UNCERTAINTY_ROLE):
             table = node.GetNodeReference(role)
             if table is not None:
                 self.scene.RemoveNode(table)
@@ -455,12 +479,16 @@ class WebSession:
 
     def save(self, folder: str | Path, name: str, overwrite: bool = False) -> list[Path]:
         """Write the result as ``<name>.seg.nrrd`` (segments with names, colours, terminology) and
-        ``<name>.nii.gz`` (BraTS 2021 labels on the reference grid). Existing files are replaced only
-        with ``overwrite`` (the page's confirmation): otherwise FilesExistError, nothing written."""
+        ``<name>.nii.gz`` (BraTS 2021 labels on the reference grid), and its uncertainty map, if any, as
+        ``<name>_uncertainty.nii.gz``. Existing files are replaced only with ``overwrite`` (the page's
+        confirmation): otherwise FilesExistError, nothing written."""
         if self.segmentation is None:
             raise BrainLesionSAMError("nothing to save yet: segment first")
         segmentation_path, labels_path = self.output_paths(folder, name)
-        existing = [p for p in (segmentation_path, labels_path) if p.exists()]
+        uncertainty = self.uncertainty_node()
+        uncertainty_path = labels_path.with_name(labels_path.name[:-len(".nii.gz")] + "_uncertainty.nii.gz")
+        paths = [segmentation_path, labels_path] + ([uncertainty_path] if uncertainty is not None else [])
+        existing = [p for p in paths if p.exists()]
         if existing and not overwrite:
             raise FilesExistError(existing)
         folder = segmentation_path.parent
@@ -469,15 +497,17 @@ class WebSession:
                 folder.mkdir(parents=True)
             except OSError as error:
                 raise OutputPathError(f"cannot create {folder} ({error.strerror}); choose another folder") from None
-        for path in (segmentation_path, labels_path):
+        for path in paths:
             check_writable(path, overwrite=True)
         reference = self.reference_node()
         labels, _ = mrml.labelsFromSegmentation(self.segmentation, reference)
         image = sitk.GetImageFromArray(labels)
         image.CopyInformation(mrml.imageFromVolumeNode(reference))
         write_image(image, labels_path)
+        if uncertainty is not None:
+            write_image(mrml.imageFromVolumeNode(uncertainty), uncertainty_path)
         mrml.writeSegmentationFile(self.segmentation, segmentation_path, overwrite=True)
-        return [segmentation_path, labels_path]
+        return paths
 
 
 def _common_case_name(names: Sequence[str]) -> str:

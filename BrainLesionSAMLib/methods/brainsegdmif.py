@@ -37,14 +37,19 @@ Decisions where the paper is vague (all in ``default_config``):
   whole training step at batch 2, Adam included, peaks at 8.0 GiB), so the fusion needs no
   chunking: at 256 input the TinyViT streams, not DMIF, make ``lite`` memory-hungry in training
   (``benchmarks/bench_brainsegdmif.py``).
-- **Feedback** (``fusion_feedback``): 'add' puts f_fus onto every stream's tokens (x_m + f_fus), as
-  the paper describes ("transmitted ... to each modality's encoder where they are integrated") and
-  the issue asks. f_fus already contains the streams' mean, so the residual stream roughly doubles
-  at every block (x_m + F_c + mean ~ 2 x; measured with random ViT-B weights on a random slice at
-  64 x 64 input: token RMS 0.44 after block 1, 579 after block 12, against 0.88 without feedback),
-  so a pretrained encoder's later blocks contribute little at the start of training. 'average' ((x_m + f_fus) / 2) keeps the scale
-  (RMS 0.44 -> 0.66; with identical streams and F_c = 0 it is the identity); 'none' feeds nothing
-  back (fusion only for the decoder).
+- **Feedback** (``fusion_feedback``): how f_fus goes back into every stream. 'add' puts it onto
+  every stream's tokens (x_m + f_fus), the paper's literal reading ("transmitted ... to each
+  modality's encoder where they are integrated"). f_fus already contains the streams' mean, so the
+  residual stream roughly doubles at every block and a pretrained encoder's later blocks contribute
+  little at the start of training. 'average' ((x_m + f_fus) / 2) keeps the scale; 'none' feeds
+  nothing back (fusion only for the decoder). The default 'gated' adds gamma_i * f_fus with a
+  per-channel gamma_i after blocks 1-11 that starts at 0 (LayerScale / ReZero), so the network
+  starts as the unchanged pretrained backbone and learns how much fusion to feed back. Measured
+  (issue 24, ``benchmarks/bench_brainsegdmif.py --feedback-study rms|train``, real LiteMedSAM
+  backbone): token RMS after blocks 1-12 'add' 0.68 -> 1,040 (block 10) -> 156, 'average' 0.34 ->
+  0.32, 'gated' = 'none' = the backbone's own 0.31 -> 0.33; 48 Adam steps (batch 1, T1CE + FLAIR,
+  lesion slices of 3 synthetic cases, validation 4 slices of a fourth): validation Dice 'add' 0.41,
+  'average' 0.84, 'gated' 0.85 (docs/decisions.md).
 - **Missing modalities** (any non-empty subset of the configured ``modalities``, from
   ``available``): a missing modality's stream is masked out of the softmax over modalities (weight
   exactly 0, the present ones renormalised) and out of the residual mean; in DMIF's concatenated

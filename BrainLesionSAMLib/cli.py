@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .conventions import MODALITIES, MODALITY_DISPLAY_NAMES
-from .engine import Box, resolve_device
+from .engine import PRECISIONS, Box, resolve_device
 from .errors import BrainLesionSAMError, InputWarning, OutputPathError
 from .io import (IMAGE_SUFFIXES, atomic_output, check_output_folder, check_writable, discover_case, make_output_folder,
                  write_image)
@@ -67,7 +67,7 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
         maps = _map_outputs(args)
         segmentation = segment_images(inputs, method, device=args.device, box=box, progress=progress,
                                       batch_size=args.batch_size, return_probabilities="probabilities" in maps,
-                                      mirror_tta="uncertainty" in maps)
+                                      mirror_tta="uncertainty" in maps, precision=args.precision)
     finally:
         progress.close()
     for name, path in maps.items():  # before the labels: in a batch, the label file says the case is done
@@ -80,6 +80,7 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
         write_labels(segmentation.result, out, args.label_convention)
     summary = {"case": case_id, "output": str(out), **{name: str(path) for name, path in maps.items()},
                "method": method.facts.name, "device": segmentation.result.device,
+               "precision": segmentation.result.precision,
                **{k: round(v, 3) for k, v in segmentation.timings.items()}}
     if segmentation.result.case_weights:
         # Which modality (or expert) each sub-region relied on: SOFA's attention, MoME's gate.
@@ -312,7 +313,7 @@ def command_demo(args) -> int:
     truth_image = sitk.ReadImage(str(found["seg"]))
     scores = evaluate_labels(prediction, sitk.GetArrayFromImage(truth_image),
                              tuple(reversed(truth_image.GetSpacing())))
-    print(f"segmented {case_id} with {args.method} on {summary['device']} in {seconds:.1f} s")
+    print(f"segmented {case_id} with {args.method} on {summary['device']} ({summary['precision']}) in {seconds:.1f} s")
     print("Dice against the generated ground truth: " +
           "  ".join(f"{region}={scores[region]['dice']:.3f}" for region in ("WT", "TC", "ET") if region in scores))
     print(f"wrote {labels_path}")
@@ -335,6 +336,10 @@ def _add_inference_options(parser: argparse.ArgumentParser, default_method: str 
     parser.add_argument("--weights", type=Path, help="weights file: our .safetensors, or a third-party .pth the "
                         "method reads (e.g. medsam_vit_b.pth for medsam); default: packaged weights")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="network arithmetic: fp32, bf16 (autocast), or auto (default): autocast on a GPU; on "
+                             "the CPU bf16 only where the CPU has native bf16 and the method is measured safe "
+                             "(`brainlesionsam info`: cpu_bf16), else fp32")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="slices (or patches) per forward pass (default 8 on a GPU, 1 on the CPU)")
     parser.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"),

@@ -1,9 +1,15 @@
 """One inference engine for every method.
 
 It batches axial slices (2D methods) or runs MONAI's sliding-window inference over patches
-(3D methods), skips slices without brain, picks the device (CUDA when present, else CPU), uses
-mixed precision on CUDA, reports progress as (fraction, message), stops cooperatively between
+(3D methods), skips slices without brain, picks the device (CUDA when present, else CPU) and the
+precision (below), reports progress as (fraction, message), stops cooperatively between
 batches when asked, and maps the prediction back onto the reference grid voxel for voxel.
+
+Precision (``precision``: 'fp32', 'bf16' or 'auto'). 'auto' is autocast on CUDA (bfloat16 where
+supported, else float16) and on the CPU bfloat16 autocast only where both hold: the CPU computes
+bfloat16 natively (:func:`cpu_has_native_bf16`) and the method's facts say it was measured safe
+(``MethodFacts.cpu_bf16``: at least 1.2x faster with Dice unchanged, docs/benchmarks.md); else fp32.
+The probabilities are float32 whatever the precision; the result says which one ran.
 
 A box (``Box``, voxel indices of the reference grid) restricts the result for every method -
 nothing outside it is labelled - and is the prompt of promptable methods on each slice it spans.
@@ -17,6 +23,7 @@ the two passes with their voxel-wise disagreement as an uncertainty map (``uncer
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,6 +58,39 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     raise BrainLesionSAMError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16): only there can bf16
+    autocast beat fp32; elsewhere torch emulates bfloat16, slower than fp32. Linux: the CPU's flags
+    in ``cpuinfo``; where that file is missing or holds no flags: what torch's oneDNN reports."""
+    try:
+        with open(cpuinfo) as handle:
+            flags = {flag for line in handle if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        flags = set()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, cpu_bf16_safe: bool) -> str:
+    """The precision a run uses: 'fp32', 'bf16' or 'fp16' (CUDA 'auto' without bfloat16).
+    ``cpu_bf16_safe``: the method's ``MethodFacts.cpu_bf16``, read by 'auto' on the CPU only."""
+    if precision not in PRECISIONS:
+        raise BrainLesionSAMError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_bf16_safe and cpu_has_native_bf16() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -138,6 +178,7 @@ class SegmentationResult:
     # Mirror TTA only (else None): float32 [Z,Y,X] disagreement of the two passes in [0, 1], reference
     # grid (uncertainty.disagreement); 0 where the result is not the network's (outside brain or box).
     uncertainty: sitk.Image | None = None
+    precision: str = "fp32"                 # what the network ran in: 'fp32', 'bf16' or 'fp16' (resolve_precision)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -151,29 +192,34 @@ class InferenceEngine:
 
     batch_size: slices per forward pass for 2D methods (patches for 3D, as MONAI's sw_batch_size);
     None = :func:`default_batch_size` for the device.
-    amp: mixed precision (bfloat16 where supported, else float16) on CUDA; ignored on CPU.
+    precision: 'fp32', 'bf16' (autocast) or 'auto' (:func:`resolve_precision`: autocast on CUDA, on the
+    CPU bfloat16 only where it is native and the method is measured safe); ``self.precision`` is the
+    resolved one. amp: the older switch, kept for its callers; given, it overrides ``precision``:
+    True = autocast on CUDA and fp32 on the CPU (what it always did), False = fp32.
     min_component_ml: automatic methods drop whole-lesion components smaller than this (0: keep all).
     """
 
     def __init__(self, method: SegmentationMethod, device: str | torch.device = "auto",
-                 batch_size: int | None = None, amp: bool = True, overlap: float = 0.5,
+                 batch_size: int | None = None, amp: bool | None = None, overlap: float = 0.5,
                  embedding_cache: EmbeddingCache | None = None,
-                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML):
+                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, precision: str = "auto"):
         if batch_size is not None and batch_size < 1:
             raise BrainLesionSAMError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
         self.method = method.to(self.device).eval()
         self.batch_size = batch_size or default_batch_size(self.device)
-        self.amp = amp and self.device.type == "cuda"
+        if amp is not None:
+            precision = "auto" if amp and self.device.type == "cuda" else "fp32"
+        self.precision = resolve_precision(precision, self.device, method.facts.cpu_bf16)
         self.overlap = overlap
         self.min_component_ml = float(min_component_ml or 0.0)
         self.embedding_cache = embedding_cache if method.facts.cacheable_embeddings else None
 
     def _autocast(self):
-        if not self.amp:
+        if self.precision == "fp32":
             return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def segment(self, case: PreparedCase, box: Box | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
@@ -239,7 +285,7 @@ class InferenceEngine:
         progress(1.0, "done")
         return SegmentationResult(label_image, facts.label_set, probability_image, str(self.device),
                                   {"network_s": network_time, "postprocessing_s": time.perf_counter() - start},
-                                  self.method.case_weights(), uncertainty_image)
+                                  self.method.case_weights(), uncertainty_image, self.precision)
 
     def _segment_slices(self, case: PreparedCase, box: Box | None, progress: ProgressCallback,
                         cancel: CancelCheck, mirror: int | None = None) -> tuple[np.ndarray, ...]:
@@ -295,7 +341,7 @@ class InferenceEngine:
                            flip: int | None = None) -> torch.Tensor:
         """Embeddings of the batch's slices (flipped along ``flip`` if given: the mirrored pass's own
         entries), encoding only those the cache does not hold."""
-        keys = [(id(self.method), case.fingerprint, int(z)) + (() if flip is None else (("mirror", flip),))
+        keys = [(id(self.method), self.precision, case.fingerprint, int(z)) + (() if flip is None else (("mirror", flip),))
                 for z in batch]
         missing = [i for i, key in enumerate(keys) if self.embedding_cache.get(key) is None]
         if missing:

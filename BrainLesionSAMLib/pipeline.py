@@ -82,11 +82,13 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
                    method: SegmentationMethod, device: str = "auto", box: Box | None = None,
                    progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
                    batch_size: int | None = None, return_probabilities: bool = False,
-                   min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, mirror_tta: bool = False) -> CaseSegmentation:
+                   min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, mirror_tta: bool = False,
+                   precision: str = "auto") -> CaseSegmentation:
     """Check modalities against the method, preprocess, run the engine; nothing is written.
     ``min_component_ml``: the engine's clean-up of automatic results (0 keeps every component).
     ``mirror_tta``: also run every input mirrored left-right (twice the time); the result then
-    carries the uncertainty map (``result.uncertainty``, BrainLesionSAMLib.uncertainty)."""
+    carries the uncertainty map (``result.uncertainty``, BrainLesionSAMLib.uncertainty).
+    ``precision``: 'fp32', 'bf16' or 'auto' (engine.resolve_precision); ``result.precision`` says which ran."""
     method.facts.check_modalities([m for m in MODALITIES if images.get(m) is not None])
     if box is not None:
         check_box_corners(box)
@@ -96,7 +98,8 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
     case = prepare_case({m: v for m, v in images.items() if m in method.facts.modalities})
     preprocessing_time = time.perf_counter() - start
     box = check_box(box, case) if box is not None else None
-    engine = InferenceEngine(method, device=device, batch_size=batch_size, min_component_ml=min_component_ml)
+    engine = InferenceEngine(method, device=device, batch_size=batch_size, min_component_ml=min_component_ml,
+                             precision=precision)
     result = engine.segment(case, box=box, progress=progress, cancel=cancel,
                             return_probabilities=return_probabilities, mirror_tta=mirror_tta)
     return CaseSegmentation(result, case, {"preprocessing_s": preprocessing_time, **result.timings})

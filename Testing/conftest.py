@@ -1,7 +1,13 @@
+import contextlib
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torchvision.ops  # noqa: F401  - fails loudly if torch and torchvision are a mismatched pair
+
+from BrainLesionSAMLib import engine
+
+REAL_CPU_HAS_NATIVE_BF16 = engine.cpu_has_native_bf16
 
 # The tests the fast lane (`pytest -m "not slow"`) skips, as "file" or "file::test function" (every
 # parametrisation) -> seconds measured with `pytest --durations=0` (set-up + call, all
@@ -41,6 +47,9 @@ SLOW_TESTS: dict[str, float | None] = {
     "test_mome.py::test_mome_stage2_starts_from_experts": 14.6,
     "test_mome.py::test_one_sgd_step_lowers_the_loss": 3.1,
     "test_mome.py::test_several_modalities_are_run_one_by_one_and_combined": 4.0,
+    "test_precision.py::test_bf16_on_the_cpu_gives_float32_probabilities_that_agree_with_fp32": 12.3,
+    "test_precision.py::test_fp32_is_the_plain_network_bit_for_bit_and_what_amp_gave_on_the_cpu": 9.3,
+    "test_precision.py::test_litemedsam_bf16_with_a_box_agrees_with_fp32_and_its_cached_refinement_is_the_same": 18.7,
     "test_sam_vit.py::test_256_variant_loads_every_key_and_resizes_like_sam": 3.3,
     "test_sam_vit.py::test_files": 6.1,
     "test_sam_vit.py::test_parity_with_segment_anything_at_1024": 94.0,
@@ -66,6 +75,25 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(item, "originalname", item.name)
         if item.path.name in SLOW_TESTS or f"{item.path.name}::{name}" in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fp32_auto_precision_on_every_cpu():
+    """Precision 'auto' runs fp32 in the test process on any CPU: on one with native bf16 it would pick
+    bf16 for the methods measured safe (MethodFacts.cpu_bf16), and results compared with fp32
+    references would depend on the machine. test_precision.py tests bf16 and 'auto' themselves; a
+    module whose results meet a subprocess's (which picks for real) uses ``native_auto_precision``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "cpu_has_native_bf16", lambda *args: False)
+        yield
+
+
+@contextlib.contextmanager
+def native_auto_precision():
+    """Within the block, 'auto' picks the precision as a user's process does (the CPU's real flags)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "cpu_has_native_bf16", REAL_CPU_HAS_NATIVE_BF16)
+        yield
 
 
 def oblique_direction(angle_degrees: float = 20.0) -> tuple[float, ...]:

@@ -139,8 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=4, help="cases per group")
     parser.add_argument("--groups", nargs="*", help="only these groups")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "generalisation_results.json")
+    parser.add_argument("--mirror-tta", nargs="*", default=[], metavar="MODEL",
+                        help="also score these models (names of WEIGHTS) with mirror test-time augmentation")
     args = parser.parse_args(argv)
-    models = {name: load(path) for name, path in WEIGHTS.items() if path.exists()}
+    loaded = {name: load(path) for name, path in WEIGHTS.items() if path.exists()}
+    if set(args.mirror_tta) - set(loaded):
+        parser.error(f"--mirror-tta: unknown model(s) {sorted(set(args.mirror_tta) - set(loaded))}; "
+                     f"available: {', '.join(loaded)}")
+    # name -> (method, mirror TTA); a TTA variant is the same network run through the engine's mirror_tta
+    models = {name: (method, False) for name, method in loaded.items()}
+    models.update({f"{name} +TTA": (loaded[name], True) for name in args.mirror_tta})
     results: dict = {"cases_per_group": args.cases, "groups": {}}
     for group, spec in groups().items():
         if args.groups and group not in args.groups:
@@ -151,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             images, labels, info = make_case(group, index, spec)
             truth = sitk.GetArrayFromImage(labels)
             spacing = labels.GetSpacing()[::-1]
-            for name, method in models.items():
-                raw = sitk.GetArrayFromImage(segment_images(images, method, device="cpu", min_component_ml=0).result.labels)
+            for name, (method, tta) in models.items():
+                raw = sitk.GetArrayFromImage(segment_images(images, method, device="cpu", min_component_ml=0,
+                                                            mirror_tta=tta).result.labels)
                 for threshold in THRESHOLDS_ML:
                     prediction = remove_small_components(raw, spacing, threshold)
                     rows[f"{name} cc>={threshold:g}ml"].append({"case": index, **info, **score(prediction, truth, spacing)})

@@ -37,6 +37,7 @@ from BrainLesionSAMLib.io import discover_case, read_image  # noqa: E402
 from BrainLesionSAMLib.pipeline import load_and_segment  # noqa: E402
 from BrainLesionSAMLib.report import lesion_volumes  # noqa: E402
 from BrainLesionSAMLib.sample import SampleParameters, generate_case, write_case  # noqa: E402
+from conftest import native_auto_precision  # noqa: E402
 
 CASE_ID = "BLSAM_WEB_E2E"
 IDLE_EXIT_S = 20
@@ -106,7 +107,8 @@ def expected_volumes(data_dir):
     """The library's own unet2d result on the same files, for the page's volume table."""
     files = discover_case(data_dir / CASE_ID)
     images = {key: read_image(path) for key, path in files.items() if key != "seg"}
-    result = load_and_segment(images, "unet2d", device="cpu")
+    with native_auto_precision():  # as the server's process picks it (bf16 on a CPU with native bf16)
+        result = load_and_segment(images, "unet2d", device="cpu")
     spacing = tuple(reversed(images["t1ce"].GetSpacing()))
     return lesion_volumes(result.label_array, spacing, "brats")
 

@@ -46,6 +46,7 @@ from Training.synthesis import SHIFTED, TRAINING, synthesise_case  # noqa: E402
 TEST_SEED = 424242
 WEIGHTS = {"phantom (v1)": REPO / "BrainLesionSAMLib/weights/unet2d_sample.safetensors",
            "synthesis (v2)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis.safetensors",
+           # not shipped (docs/generalisation.md): `scripts/train_default_model.py --config unet2d_synthesis_v3`
            "synthesis (v3)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis_v3.safetensors"}
 REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
 THRESHOLDS_ML = (0.0, 0.1, 0.5)  # connected-component clean-up swept on the raw prediction

@@ -16,6 +16,7 @@ from .ranges import SHIFTED, TRAINING, SynthesisRanges
 
 # Bump when a change alters the cases a seed gives (caches of synthetic cases key on it).
 SYNTHESISER_VERSION = 3  # 2: thick slices blur with edge mode "nearest" (1 darkened the grid borders);
-                         # 3: whole-lesion volumes up to 500 ml (2: 220 ml)
+                         # 3: whole-lesion volumes up to 500 ml (2: 220 ml), every lesion
+                         # centred at least half its radius deep
 
 __all__ = ["SHIFTED", "SYNTHESISER_VERSION", "TRAINING", "SynthesisRanges", "SyntheticCase", "synthesise_case"]

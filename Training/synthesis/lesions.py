@@ -73,9 +73,11 @@ def _location_candidates() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         "midline": (np.abs(x_lps) < 3)[None, None, :] & (wm_smooth > 0.5) & (depth > 8),
         "anywhere": depth > 3,
     }
-    flat_depth = depth.ravel()
-    return {name: (indices, flat_depth[indices]) for name, indices
-            in ((name, np.flatnonzero(mask)) for name, mask in masks.items())}
+    candidates = {}
+    for name, mask in masks.items():
+        indices = np.flatnonzero(mask)
+        candidates[name] = (indices, depth.ravel()[indices])
+    return candidates
 
 
 def _centre_candidates(candidates: dict[str, tuple[np.ndarray, np.ndarray]], location: str,

@@ -143,7 +143,8 @@ class BrainLesionSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Cannot list the methods: {error}"
         self._methods = {info.name: info for info in infos}
         for info in infos:
-            suffix = " (PyTorch not installed yet)" if info.fromCatalogue else ""
+            suffix = (" (PyTorch not installed yet)" if info.fromCatalogue
+                      else " (no weights ship)" if info.weightsProblem else "")
             self.ui.methodComboBox.addItem(f"{info.name}: {info.modalitiesText()}{suffix}", info.name)
             self.ui.methodComboBox.setItemData(self.ui.methodComboBox.count - 1, info.title, qt.Qt.ToolTipRole)
         index = self.ui.methodComboBox.findData(current) if current else -1
@@ -175,7 +176,7 @@ class BrainLesionSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         key = self.ui.weightsComboBox.currentData or ""
         if key == "file":
             return self.ui.weightsPathLineEdit.currentPath or None
-        return None if key == "default" else key
+        return None if key in ("default", "none") else key
 
     # ------------------------------------------------------------------ reactions
     def onAutoFill(self):
@@ -238,6 +239,8 @@ class BrainLesionSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         problem = "no method available" if info is None else info.modalityProblem(given)
         if not problem and self.ui.weightsComboBox.currentData == "file" and not self.ui.weightsPathLineEdit.currentPath:
             problem = "choose the weights file"
+        if not problem and info.weightsProblem and self.ui.weightsComboBox.currentData != "file":
+            problem = info.weightsProblem
         if not problem and info.requiresBox and self.ui.roiSelector.currentNode() is None:
             problem = f"{info.name} segments only inside a box: place an ROI (Box refinement)"
         self.ui.weightsPathLineEdit.enabled = self.ui.weightsComboBox.currentData == "file"

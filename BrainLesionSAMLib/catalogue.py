@@ -58,7 +58,7 @@ CancelCheck = Callable[[], bool]
 
 _REQUIRED_KEYS = ("id", "title", "version", "method", "file_name", "sha256", "size", "modalities",
                   "required_modalities", "label_set", "labels", "gpu_memory_gb", "licence", "origin")
-_OPTIONAL_KEYS = ("config", "url", "package", "description")
+_OPTIONAL_KEYS = ("config", "url", "package", "description", "default", "base", "training")
 
 
 class IncompleteDownloadError(WeightsError):
@@ -109,6 +109,9 @@ class ModelEntry:
     url: str | None = None
     package: PackageSource | None = None
     description: str = ""
+    default: bool = False                # the method's default weights (at most one per method)
+    base: str | None = None              # a delta checkpoint's base: the id of the entry it was trained on
+    training: dict[str, Any] = field(default_factory=dict)  # data, steps, wall time, validation Dice
 
     @property
     def kind(self) -> str:
@@ -177,6 +180,10 @@ class ModelEntry:
             raise fail("give either url or package, not both")
         if not str(data["origin"]).strip():
             raise fail("origin must say where the file comes from")
+        if not isinstance(data.get("default", False), bool):
+            raise fail(f"default must be true or false, not {data['default']!r}")
+        if not isinstance(data.get("training", {}), Mapping):
+            raise fail("training must be an object (data, steps, wall time, validation Dice)")
         memory = data["gpu_memory_gb"]
         if not isinstance(memory, (int, float)) or isinstance(memory, bool) or memory <= 0:
             raise fail(f"gpu_memory_gb must be a positive number, not {memory!r}")
@@ -185,7 +192,9 @@ class ModelEntry:
                    modalities=modalities, required_modalities=required, label_set=str(data["label_set"]),
                    labels=labels, gpu_memory_gb=float(memory), licence=str(data["licence"]),
                    origin=str(data["origin"]), config=dict(data.get("config") or {}), url=url,
-                   package=package, description=str(data.get("description", "")))
+                   package=package, description=str(data.get("description", "")),
+                   default=bool(data.get("default", False)), base=data.get("base") or None,
+                   training=dict(data.get("training") or {}))
 
 
 @dataclass(frozen=True)
@@ -208,7 +217,14 @@ class Catalogue:
         return any(entry.id == model_id for entry in self.entries)
 
     def for_method(self, method: str) -> list[ModelEntry]:
-        return [entry for entry in self.entries if entry.method == method]
+        """The method's entries, its default first."""
+        entries = [entry for entry in self.entries if entry.method == method]
+        return sorted(entries, key=lambda entry: not entry.default)
+
+    def default_for(self, method: str) -> ModelEntry | None:
+        """The entry marked ``default`` for ``method``, else its first entry; None if it has none."""
+        entries = self.for_method(method)
+        return entries[0] if entries else None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "catalogue") -> "Catalogue":
@@ -219,10 +235,19 @@ class Catalogue:
                                f"reads format {FORMAT_VERSION} - update BrainLesionSAM or use a matching catalogue")
         entries = tuple(ModelEntry.from_dict(item, where) for item in data["models"])
         seen: set[str] = set()
+        defaults: set[str] = set()
         for entry in entries:
             if entry.id in seen:
                 raise WeightsError(f"{where}: model id '{entry.id}' appears twice; ids must be unique")
             seen.add(entry.id)
+            if entry.default and entry.method in defaults:
+                raise WeightsError(f"{where}: method '{entry.method}' has more than one default model; "
+                                   "mark one entry per method as default")
+            defaults.update([entry.method] if entry.default else [])
+        for entry in entries:
+            if entry.base is not None and entry.base not in seen:
+                raise WeightsError(f"{where}: model entry '{entry.id}' names base '{entry.base}', which is not "
+                                   "in the catalogue; fix the catalogue file")
         return cls(str(data.get("catalogue_version", "")), entries)
 
     @classmethod
@@ -467,6 +492,32 @@ def load_entry(entry: ModelEntry, folder: str | os.PathLike | None = None, progr
     return load_weights_file(entry.method, path, entry.config)
 
 
+def resolve_method(method: str, weights: str | os.PathLike | None = None, catalogue: Catalogue | None = None,
+                   folder: str | os.PathLike | None = None, progress: ProgressCallback | None = None,
+                   cancel: CancelCheck | None = None) -> "SegmentationMethod":
+    """The method ready to run, from what a user names as weights: None = the method's default
+    catalogue model (else its packaged or published weights, or a WeightsError saying it ships
+    none), a catalogue id (e.g. 'litemedsam-v1'), or a weights file."""
+    from .checkpoints import load_method
+
+    catalogue = catalogue if catalogue is not None else load_catalogue()
+    if weights is None or str(weights) == "":
+        entry = catalogue.default_for(method)
+        return load_entry(entry, folder, progress, cancel) if entry is not None else load_method(method)
+    if str(weights) in catalogue and not Path(weights).expanduser().is_file():
+        entry = catalogue.get(str(weights))
+        if entry.method != method:
+            raise WeightsError(f"catalogue model '{entry.id}' is for method '{entry.method}', not '{method}'; "
+                               f"choose one of: {', '.join(e.id for e in catalogue.for_method(method)) or 'none'}")
+        return load_entry(entry, folder, progress, cancel)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        known = ", ".join(entry.id for entry in catalogue.for_method(method))
+        raise WeightsError(f"weights file {weights} does not exist and is not a catalogue model id; give an "
+                           f"existing weights file" + (f" or one of {known}" if known else ""))
+    return load_weights_file(method, path)
+
+
 def check_against_registry(catalogue: Catalogue) -> list[str]:
     """Problems where an entry contradicts its registered method's facts (method unknown, different
     modalities, required modalities or label set); [] when consistent. Imports the methods (torch)."""
@@ -479,6 +530,10 @@ def check_against_registry(catalogue: Catalogue) -> list[str]:
             problems.append(f"'{entry.id}': method '{entry.method}' is not registered ({', '.join(sorted(known))})")
             continue
         cls = get_method_class(entry.method)
+        if entry.default and entry.package is not None and cls.packaged_weights is not None \
+                and entry.package.resource != f"weights/{cls.packaged_weights}":
+            problems.append(f"'{entry.id}': the default model of '{entry.method}' is {entry.package.resource}, "
+                            f"but the method's packaged_weights is {cls.packaged_weights}")
         # A config can change the facts (e.g. litemedsam's modality); only then build an instance.
         facts = cls(**entry.config).facts if entry.config else cls.facts
         for name, mine, theirs in (("modalities", tuple(entry.modalities), tuple(facts.modalities)),
@@ -492,4 +547,5 @@ def check_against_registry(catalogue: Catalogue) -> list[str]:
 
 __all__ = ["Catalogue", "IncompleteDownloadError", "ModelEntry", "PackageSource", "cache_folder", "cached_file",
            "check_against_registry", "default_catalogue_path", "download", "fetch",
-           "import_weights", "load_catalogue", "load_entry", "load_weights_file", "locate", "verify_weights"]
+           "import_weights", "load_catalogue", "load_entry", "load_weights_file", "locate", "resolve_method",
+           "verify_weights"]

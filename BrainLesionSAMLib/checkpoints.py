@@ -5,6 +5,14 @@ training data description, library version and the sha256 of the tensor payload 
 dtypes, shapes and bytes in sorted name order), verified on load so a damaged file is refused
 before it produces nonsense. Third-party ``.pth`` files are read elsewhere with
 ``torch.load(weights_only=True)``.
+
+**Delta checkpoints** (``save_delta_checkpoint``): a method trained on top of third-party base
+weights with part of them frozen (SOFA and the brain-tuned LiteMedSAM on LiteMedSAM's encoder)
+stores only the tensors that training changed, and the header's ``base`` names the base file and
+its sha256. Loading builds the method from its base weights (``with_base_weights``), checks that
+the base the method actually loaded has that sha256 - a different base would silently give another
+network - and then loads the delta over it. A release file thus stays small (SOFA: 16 MB instead
+of 39 MB) and never redistributes the base.
 """
 from __future__ import annotations
 
@@ -53,6 +61,11 @@ def save_checkpoint(model: SegmentationMethod, path: str | os.PathLike,
                     training_data: str = "", extra: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s weights and header atomically; returns the path."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return _write(model, tensors, path, training_data, extra)
+
+
+def _write(model: SegmentationMethod, tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+           training_data: str, extra: dict[str, Any] | None) -> Path:
     facts = model.facts
     header = {
         "format_version": FORMAT_VERSION,
@@ -70,6 +83,26 @@ def save_checkpoint(model: SegmentationMethod, path: str | os.PathLike,
     with atomic_output(path) as temporary:
         save_file(tensors, str(temporary), metadata={HEADER_KEY: json.dumps(header)})
     return path
+
+
+def changed_tensors(model: SegmentationMethod, base: SegmentationMethod) -> dict[str, torch.Tensor]:
+    """The tensors of ``model``'s state that differ from ``base``'s (or that ``base`` lacks)."""
+    reference = base.state_dict()
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
+            if name not in reference or reference[name].shape != tensor.shape
+            or not torch.equal(reference[name].cpu(), tensor.detach().cpu())}
+
+
+def save_delta_checkpoint(model: SegmentationMethod, path: str | os.PathLike, training_data: str = "",
+                          extra: dict[str, Any] | None = None) -> Path:
+    """Write only the tensors of ``model`` that differ from its base weights (see the module
+    docstring), with the base's name and sha256 in the header; returns the path."""
+    base = type(model).with_base_weights(**model.config)
+    name, sha256 = base.base_weights()
+    tensors = changed_tensors(model, base)
+    if not tensors:
+        raise WeightsError(f"{model.facts.name}: nothing differs from the base weights; there is no delta to save")
+    return _write(model, tensors, path, training_data, {**(extra or {}), "base": {"name": name, "sha256": sha256}})
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -128,10 +161,35 @@ def load_method(name: str, weights: str | os.PathLike | None = None) -> Segmenta
             raise WeightsError(f"the packaged weights {weights} are missing; reinstall the package or "
                                "re-create them with scripts/train_sample_weights.py")
     state, header = load_checkpoint(weights, expected_method=name)
+    config = {**(header.get("config") or {}), **{key: None for key in cls.initialisation_keys}}
+    if header.get("base"):
+        return _load_delta(cls, config, state, header["base"], weights)
     try:
-        config = {**(header.get("config") or {}), **{key: None for key in cls.initialisation_keys}}
         model = build_method(name, config)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as error:
         raise WeightsError(f"{weights} does not fit method '{name}' as configured: {error}") from None
+    return model.eval()
+
+
+def _load_delta(cls, config: dict[str, Any], state: dict[str, torch.Tensor], base: dict[str, Any],
+                weights: str | os.PathLike) -> SegmentationMethod:
+    name = cls.facts.name
+    try:
+        model = cls.with_base_weights(**config)
+    except (RuntimeError, ValueError) as error:
+        raise WeightsError(f"{weights} does not fit method '{name}' as configured: {error}") from None
+    base_name, base_sha256 = model.base_weights()
+    if base_sha256 != base.get("sha256"):
+        raise WeightsError(
+            f"{weights} holds only what training changed on the base weights {base.get('name')} "
+            f"(sha256 {str(base.get('sha256'))[:16]}...), but this installation's base {base_name} has sha256 "
+            f"{base_sha256[:16]}...; install the base file it was made for (reinstall the versions "
+            "BrainLesionSAM requires) or use weights made for this base")
+    own = model.state_dict()
+    foreign = [key for key in state if key not in own or own[key].shape != state[key].shape]
+    if foreign:
+        raise WeightsError(f"{weights} does not fit method '{name}' as configured: tensors {foreign[:5]} "
+                           "are not (or not so shaped) in the network")
+    model.load_state_dict(state, strict=False)
     return model.eval()

@@ -67,7 +67,8 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
         maps = _map_outputs(args)
         segmentation = segment_images(inputs, method, device=args.device, box=box, progress=progress,
                                       batch_size=args.batch_size, return_probabilities="probabilities" in maps,
-                                      mirror_tta="uncertainty" in maps, precision=args.precision)
+                                      mirror_tta="uncertainty" in maps, precision=args.precision,
+                                      cascade=getattr(args, "cascade", False))
     finally:
         progress.close()
     for name, path in maps.items():  # before the labels: in a batch, the label file says the case is done
@@ -100,8 +101,8 @@ def _segment_one(inputs: dict, method, args, out: Path, report_dir: Path | None,
 
 
 def _load(args):
-    from .checkpoints import load_method
-    return load_method(args.method, args.weights)
+    from .catalogue import resolve_method
+    return resolve_method(args.method, args.weights)
 
 
 def command_segment(args) -> int:
@@ -226,6 +227,9 @@ def gather_info() -> dict:
     from .backbones.base import BACKBONES
     from .methods import get_method_class, method_names
 
+    from .catalogue import load_catalogue
+
+    catalogue = load_catalogue()
     methods = []
     for name in method_names():
         cls = get_method_class(name)
@@ -236,6 +240,11 @@ def gather_info() -> dict:
                                                for backbone in BACKBONES}
         entry["default_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cls.default_config.items()}
         entry["packaged_weights"] = cls.packaged_weights
+        # What ships: the method's catalogue models, its default first (--weights takes any of the ids).
+        entry["weights"] = [{"id": model.id, "title": model.title, "default": model is catalogue.default_for(name),
+                             "source": model.kind, "size_mb": round(model.size_mb, 1),
+                             **({"training": model.training} if model.training else {})}
+                            for model in catalogue.for_method(name)]
         methods.append(entry)
     devices = [{"name": "cpu", "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
@@ -268,6 +277,12 @@ def command_info(args) -> int:
         print(f"  {m['name']:10s} {m['title']}\n             {m['spatial_dims']}D, labels {m['label_set']}, "
               f"modalities {modalities} (? = optional), box prompt {'yes' if m['promptable'] else 'no'}, "
               f"parameters {m['parameters']['total']:,} ({m['parameters']['trainable']:,} trainable)")
+        if m["weights"]:
+            default, others = m["weights"][0], m["weights"][1:]
+            print(f"             weights: {default['title']} [{default['id']}, default]"
+                  + "".join(f"; {other['title']} [{other['id']}]" for other in others))
+        else:
+            print("             weights: none ship; segmenting needs --weights FILE")
     return 0
 
 
@@ -333,13 +348,19 @@ def _positive_int(text: str) -> int:
 def _add_inference_options(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:
     parser.add_argument("--method", required=default_method is None, default=default_method,
                         help="registered method name (see `brainlesionsam info`)")
-    parser.add_argument("--weights", type=Path, help="weights file: our .safetensors, or a third-party .pth the "
-                        "method reads (e.g. medsam_vit_b.pth for medsam); default: packaged weights")
+    parser.add_argument("--weights", help="a catalogue model id (`brainlesionsam info` lists them, e.g. "
+                        "litemedsam-v1 for the zero-shot LiteMedSAM) or a weights file: our .safetensors, or a "
+                        "third-party .pth the method reads (e.g. medsam_vit_b.pth for medsam); default: the "
+                        "method's default catalogue model")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="network arithmetic: fp32, bf16 (autocast), or auto (default): autocast on a GPU; on "
                              "the CPU bf16 only where the CPU has native bf16 and the method is measured safe "
                              "(`brainlesionsam info`: cpu_bf16), else fp32")
+    parser.add_argument("--cascade", action="store_true",
+                        help="automatic 2D methods (e.g. sofa): run the default automatic model first and the "
+                             "method only on the slices where it finds a lesion, +- 2 slices (several times "
+                             "faster; what the first model misses is missed; off by default)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="slices (or patches) per forward pass (default 8 on a GPU, 1 on the CPU)")
     parser.add_argument("--label-convention", default="brats2021", choices=("brats2021", "brats2023"),

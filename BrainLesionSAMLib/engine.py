@@ -18,6 +18,12 @@ The result of a fully automatic method is cleaned: nothing outside the brain (th
 mask), and no whole-lesion component under ``min_component_ml`` (``postprocessing``; the default
 is measured in docs/generalisation.md). A box-prompted result is the user's box and is not cleaned.
 
+``cascade`` (another engine, normally the default automatic model's) makes an automatic 2D run
+cheaper: the cascade model segments the case first, and the method runs only on the axial slices
+where that found a lesion, +- ``cascade_margin`` slices; every other slice is background. It is for
+expensive automatic methods (SOFA: four TinyViT encodes per slice) and is off unless asked for: what
+it costs in Dice is what the cascade model misses (docs/benchmarks.md).
+
 ``mirror_tta`` runs every network input a second time mirrored left-right and returns the mean of
 the two passes with their voxel-wise disagreement as an uncertainty map (``uncertainty``).
 """
@@ -37,6 +43,8 @@ from .methods import SegmentationMethod
 from .postprocessing import DEFAULT_MIN_COMPONENT_ML, remove_small_components
 from .preprocessing import PreparedCase
 from .uncertainty import disagreement, mirror_axis, mirror_network_box
+
+CASCADE_MARGIN_SLICES = 2  # slices beyond the cascade model's lesion extent (its edges are the least sure)
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -202,7 +210,8 @@ class InferenceEngine:
     def __init__(self, method: SegmentationMethod, device: str | torch.device = "auto",
                  batch_size: int | None = None, amp: bool | None = None, overlap: float = 0.5,
                  embedding_cache: EmbeddingCache | None = None,
-                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, precision: str = "auto"):
+                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, precision: str = "auto",
+                 cascade: "InferenceEngine | None" = None, cascade_margin: int = CASCADE_MARGIN_SLICES):
         if batch_size is not None and batch_size < 1:
             raise BrainLesionSAMError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -214,6 +223,10 @@ class InferenceEngine:
         self.overlap = overlap
         self.min_component_ml = float(min_component_ml or 0.0)
         self.embedding_cache = embedding_cache if method.facts.cacheable_embeddings else None
+        if cascade is not None and (cascade.method.facts.spatial_dims, method.facts.spatial_dims) != (2, 2):
+            raise BrainLesionSAMError("a cascade picks axial slices: both its model and the method must be 2D")
+        self.cascade = cascade
+        self.cascade_margin = int(cascade_margin)
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -269,7 +282,7 @@ class InferenceEngine:
         del passes
         labels = labels_lookup[probabilities.argmax(0)]
         labels[~inside] = 0
-        if box is None and not facts.promptable and self.min_component_ml > 0:
+        if box is None and self.min_component_ml > 0:  # an automatic run (SOFA without a box too)
             cleaned = remove_small_components(labels, case.spacing_zyx, self.min_component_ml)
             # removed specks become background in the probabilities too (not in place: ``inside`` may be
             # the case's own brain mask, which a second run on the same case must find unchanged)
@@ -300,6 +313,8 @@ class InferenceEngine:
         slices = case.brain_slices()
         if box is not None:
             slices = slices[(slices >= box.z0) & (slices <= box.z1)]
+        elif self.cascade is not None:
+            slices = slices[np.isin(slices, self.cascade_slices(case, cancel))]
         available = torch.as_tensor(case.available, device=self.device)
         network_box = None
         if box is not None:
@@ -321,6 +336,15 @@ class InferenceEngine:
         if cancel():
             raise CancelledError("segmentation cancelled; nothing was written")
         return tuple(probabilities)
+
+    def cascade_slices(self, case: PreparedCase, cancel: CancelCheck | None = None) -> np.ndarray:
+        """Axial indices where the cascade model labels a lesion, +- ``cascade_margin`` slices."""
+        labels = sitk.GetArrayFromImage(self.cascade.segment(case, cancel=cancel).labels)
+        found = np.flatnonzero(labels.any(axis=(1, 2)))
+        if not len(found):
+            return found
+        near = (found[:, None] + np.arange(-self.cascade_margin, self.cascade_margin + 1)[None]).ravel()
+        return np.unique(np.clip(near, 0, case.shape_zyx[0] - 1))
 
     def _slice_probabilities(self, case: PreparedCase, batch: np.ndarray, available: torch.Tensor,
                              boxes: torch.Tensor | None, flip: int | None) -> torch.Tensor:

@@ -12,12 +12,12 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .checkpoints import load_method
+from .catalogue import resolve_method
 from .conventions import MODALITIES, from_brats2021
 from .engine import Box, CancelCheck, InferenceEngine, ProgressCallback, SegmentationResult
 from .errors import GeometryError, InputWarning
 from .io import discover_case, write_image
-from .methods import SegmentationMethod
+from .methods import DEFAULT_METHOD, SegmentationMethod
 from .postprocessing import DEFAULT_MIN_COMPONENT_ML
 from .preprocessing import PreparedCase, prepare_case
 
@@ -83,12 +83,14 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
                    progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
                    batch_size: int | None = None, return_probabilities: bool = False,
                    min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, mirror_tta: bool = False,
-                   precision: str = "auto") -> CaseSegmentation:
+                   precision: str = "auto", cascade: bool = False) -> CaseSegmentation:
     """Check modalities against the method, preprocess, run the engine; nothing is written.
     ``min_component_ml``: the engine's clean-up of automatic results (0 keeps every component).
     ``mirror_tta``: also run every input mirrored left-right (twice the time); the result then
     carries the uncertainty map (``result.uncertainty``, BrainLesionSAMLib.uncertainty).
-    ``precision``: 'fp32', 'bf16' or 'auto' (engine.resolve_precision); ``result.precision`` says which ran."""
+    ``precision``: 'fp32', 'bf16' or 'auto' (engine.resolve_precision); ``result.precision`` says which ran.
+    ``cascade``: an automatic run of a 2D method runs it only near the slices where the default
+    automatic model finds a lesion (engine ``cascade``); ignored with a box or for the default model itself."""
     method.facts.check_modalities([m for m in MODALITIES if images.get(m) is not None])
     if box is not None:
         check_box_corners(box)
@@ -98,8 +100,12 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
     case = prepare_case({m: v for m, v in images.items() if m in method.facts.modalities})
     preprocessing_time = time.perf_counter() - start
     box = check_box(box, case) if box is not None else None
+    first = None
+    if cascade and box is None and method.facts.spatial_dims == 2 and method.facts.name != DEFAULT_METHOD:
+        first = InferenceEngine(resolve_method(DEFAULT_METHOD), device=device, batch_size=batch_size,
+                                precision=precision)
     engine = InferenceEngine(method, device=device, batch_size=batch_size, min_component_ml=min_component_ml,
-                             precision=precision)
+                             precision=precision, cascade=first)
     result = engine.segment(case, box=box, progress=progress, cancel=cancel,
                             return_probabilities=return_probabilities, mirror_tta=mirror_tta)
     return CaseSegmentation(result, case, {"preprocessing_s": preprocessing_time, **result.timings})
@@ -107,7 +113,7 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
 
 def load_and_segment(images: Mapping[str, sitk.Image | str | os.PathLike], method_name: str,
                      weights: str | os.PathLike | None = None, **kwargs) -> CaseSegmentation:
-    return segment_images(images, load_method(method_name, weights), **kwargs)
+    return segment_images(images, resolve_method(method_name, weights), **kwargs)
 
 
 def write_labels(result: SegmentationResult, path: str | os.PathLike,

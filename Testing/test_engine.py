@@ -213,3 +213,53 @@ def test_segmenting_leaves_the_prepared_case_unchanged(model, oblique_case):
     second = engine.segment(case, return_probabilities=True)
     for a, b in ((first.labels, second.labels), (first.probabilities, second.probabilities)):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+
+
+def test_cascade_runs_the_method_only_near_the_cascade_models_lesion_slices():
+    """The cascade's slices are where the first model labels a lesion +- the margin; the method's
+    result there equals its plain run, and every other slice is background."""
+    from BrainLesionSAMLib.engine import EmbeddingCache
+
+    torch.manual_seed(0)
+    images, _ = blob_case((14, 40, 40))
+    case = prepare_case({"flair": images["flair"]})
+
+    class Counting(BoxedConv):
+        def decode_proba(self, embeddings, available, boxes=None):  # automatic: no box, lesion everywhere
+            self.decoded = getattr(self, "decoded", 0) + len(embeddings)
+            whole = torch.tensor([[0.0, 0.0, 256.0, 256.0]]).expand(len(embeddings), 4)
+            return super().decode_proba(embeddings, available, whole)
+
+    class FirstModel(SegmentationMethod):  # labels a lesion on the slices in ``where`` only
+        facts = MethodFacts(name="testfirst", title="test", modalities=("flair",), required_modalities=("flair",),
+                            spatial_dims=2, label_set="lesion", promptable=False, cacheable_embeddings=False,
+                            input_size=(256, 256))
+        default_config = {}
+
+        def forward(self, images, available, boxes=None):
+            raise AssertionError("predict_proba is used")
+
+        def predict_proba(self, images, available, boxes=None):
+            probabilities = torch.zeros(len(images), 2, 256, 256)
+            probabilities[:, 0] = 1.0
+            probabilities[:, :, 100:160, 100:160] = torch.tensor([0.0, 1.0])[:, None, None]
+            return probabilities
+
+    first = FirstModel().eval()
+    cascade = InferenceEngine(first, "cpu", min_component_ml=0)
+    method = Counting().eval()
+    engine = InferenceEngine(method, "cpu", cascade=cascade, cascade_margin=1, min_component_ml=0,
+                             embedding_cache=EmbeddingCache())
+    chosen = engine.cascade_slices(case)
+    first_found = np.flatnonzero(sitk.GetArrayFromImage(cascade.segment(case).labels).any(axis=(1, 2)))
+    assert len(first_found) and set(chosen) == {z for f in first_found for z in (f - 1, f, f + 1)
+                                                if 0 <= z < case.shape_zyx[0]}
+    labels = sitk.GetArrayFromImage(engine.segment(case).labels)
+    plain = sitk.GetArrayFromImage(InferenceEngine(method, "cpu", min_component_ml=0).segment(case).labels)
+    ran = sorted(set(chosen) & set(case.brain_slices().tolist()))
+    np.testing.assert_array_equal(labels[ran], plain[ran])
+    others = [z for z in range(case.shape_zyx[0]) if z not in ran]
+    assert not labels[others].any()
+    assert method.encoded_slices == len(ran) + len(case.brain_slices())  # cascade run + plain run
+    with pytest.raises(BrainLesionSAMError, match="both its model and the method must be 2D"):
+        InferenceEngine(method, "cpu", cascade=InferenceEngine(FlairOnly3D(), "cpu"))

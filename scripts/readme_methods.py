@@ -52,7 +52,8 @@ def _weights(name: str, entries, configs: set[str]) -> str:
                      else f"shipped by `{entry.package.package.replace('_', '-')}`")
         else:
             where = "bring the file (`catalogue.import_weights`)"
-        shipped.append(f"`{entry.id}`: {entry.title}, {where}")
+        default = " (default)" if entry is entries[0] and len(entries) > 1 else ""
+        shipped.append(f"`{entry.id}`{default}: {entry.title}, {where}")
     if shipped:
         return "; ".join(shipped)
     if name in configs:

@@ -67,6 +67,7 @@ class MethodInfo:
     cacheableEmbeddings: bool | None
     requiresBox: bool | None = False
     fromCatalogue: bool = False
+    weightsProblem: str = ""   # '' when weights ship (a catalogue model), else why the method cannot run as is
 
     def modalityProblem(self, given) -> str:
         """'' when the given modalities suffice, else why not (the rule of MethodFacts.check_modalities)."""
@@ -252,7 +253,8 @@ class SegmentationLogic:
                 facts = get_method_class(name).facts
                 infos.append(MethodInfo(facts.name, facts.title, tuple(facts.modalities),
                                         tuple(facts.required_modalities), facts.label_set, facts.promptable,
-                                        facts.cacheable_embeddings, bool(getattr(facts, "requires_box", False))))
+                                        facts.cacheable_embeddings, bool(getattr(facts, "requires_box", False)),
+                                        weightsProblem=self.weightsProblem(name)))
             return infos
         seen: dict[str, MethodInfo] = {}
         for entry in (self.catalogue.entries if self.catalogue else ()):
@@ -260,6 +262,15 @@ class SegmentationLogic:
                                                      entry.required_modalities, entry.label_set, None, None, None,
                                                      fromCatalogue=True))
         return list(seen.values())
+
+    def weightsProblem(self, method: str) -> str:
+        """'' when the catalogue has weights for ``method``, else the reason it cannot segment without
+        a weights file of the user's (shown in the panel; Segment stays disabled)."""
+        if self.catalogue is None:
+            return f"the model catalogue cannot be read ({self.catalogueError})"
+        if self.catalogue.for_method(method):
+            return ""
+        return f"{method} ships no trained weights yet; choose a weights file of your own"
 
     def methodInfo(self, name: str) -> MethodInfo:
         for info in self.methods():
@@ -277,7 +288,7 @@ class SegmentationLogic:
                      "import": "import the file"}[entry.kind]
             choices.append((f"catalogue:{entry.id}", f"{entry.title} - v{entry.version}, {where}, {entry.licence}"))
         if not choices:
-            choices.append(("default", "the method's built-in weights"))
+            choices.append(("none", "no weights ship for this method"))
         choices.append(("file", "weights file..."))
         return choices
 

@@ -72,7 +72,7 @@ class WebApp:
         methods = session.methods()
         devices, device_summary = session.logic.devices()
         default_method = DEFAULT_METHOD if any(m.name == DEFAULT_METHOD for m in methods) else (methods[0].name if methods else "")
-        promptable = [m for m in methods if m.promptable]
+        promptable = [m for m in methods if m.promptable and not m.weightsProblem]
         self.state.update({
             "trame__title": "BrainLesionSAM",
             "phase": "idle",
@@ -85,7 +85,8 @@ class WebApp:
             "volumes": [],
             "background_id": None,
             **{f"input_{key}": None for key in MODALITIES},
-            "methods": [{"title": f"{m.name} - {m.title}", "value": m.name} for m in methods],
+            "methods": [{"title": f"{m.name} - {m.title}" + (" (no weights ship)" if m.weightsProblem else ""),
+                         "value": m.name} for m in methods],
             "method": default_method,
             "method_modalities": "",
             "segment_problem": "load a case first",

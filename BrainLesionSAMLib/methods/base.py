@@ -150,6 +150,20 @@ class SegmentationMethod(nn.Module, abc.ABC):
         whole (the trainer then builds ``cls(**config)``, whose backbone may still load them)."""
         return None
 
+    @classmethod
+    def with_base_weights(cls, **config: Any) -> "SegmentationMethod":
+        """An instance initialised from the third-party base weights that a delta checkpoint
+        (``checkpoints.save_delta_checkpoint``) was trained on; methods without a base raise."""
+        from ..errors import WeightsError
+
+        raise WeightsError(f"method '{cls.facts.name}' has no base weights; its checkpoints hold every tensor")
+
+    def base_weights(self) -> tuple[str, str]:
+        """(name, sha256) of the base weights file this instance was initialised from."""
+        from ..errors import WeightsError
+
+        raise WeightsError(f"method '{self.facts.name}' has no base weights")
+
     # Interpretability: methods that weigh modalities or experts per case (SOFA's sub-region attention,
     # MoME's gate) accumulate those weights over a case's batches. The engine calls ``start_case``
     # before a case and puts ``case_weights()`` into the result (report, Slicer table).

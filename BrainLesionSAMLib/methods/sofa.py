@@ -121,6 +121,7 @@ the 'lite' backbone with a real build instead of on the meta device.)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,6 +339,25 @@ class SOFA(SegmentationMethod):
         if self.config["freeze_image_encoder"]:
             self.backbone.image_encoder.eval()
         return self
+
+    @classmethod
+    def with_base_weights(cls, **config: Any) -> "SOFA":
+        """The constructor already initialises the backbone from ``backbone_weights`` (the base of
+        our delta checkpoints; the attention and sub-region prompts start at zero)."""
+        return cls(**config)
+
+    def base_weights(self) -> tuple[str, str]:
+        from ..backbones.litemedsam import lite_medsam_base
+        from ..errors import WeightsError
+        from ..pth import file_sha256
+
+        path = self.config["backbone_weights"]
+        if self.config["backbone"] == "lite":
+            return lite_medsam_base(path)
+        if path is None:
+            raise WeightsError("sofa with backbone 'vit_b' and no backbone_weights starts from random weights; "
+                               "there is no base to save a delta against")
+        return os.path.basename(path), file_sha256(path)
 
     @classmethod
     def pretrained(cls, weights=None, **config: Any) -> None:

@@ -79,7 +79,9 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_shipped_catalogue_matches_the_methods_and_the_files():
     shipped = catalogue.load_catalogue(SHIPPED_CATALOGUE)
-    assert shipped.ids() == ["unet2d-sample-v1", "unet2d-synthesis-v2", "litemedsam-v1"]
+    assert shipped.ids() == ["unet2d-sample-v1", "unet2d-synthesis-v2", "litemedsam-v1", "litemedsam-brain-v1"]
+    assert shipped.default_for("litemedsam").id == "litemedsam-brain-v1"
+    assert shipped.get("litemedsam-brain-v1").base == "litemedsam-v1"
     assert catalogue.check_against_registry(shipped) == []
     for entry in shipped.entries:
         assert entry.url is None and entry.kind == "package"  # no invented download addresses
@@ -108,8 +110,18 @@ def test_catalogue_entries_build_their_methods():
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.state_dict().values()))
     lite = catalogue.load_entry(shipped.get("litemedsam-v1"))
     assert lite.facts.name == "litemedsam" and not lite.training
-    assert torch.equal(lite.state_dict()["net.mask_decoder.iou_token.weight"],
-                       load_method("litemedsam").state_dict()["net.mask_decoder.iou_token.weight"])
+    from BrainLesionSAMLib.methods.boxprompt import LiteMedSAMMethod
+
+    published = LiteMedSAMMethod.pretrained().state_dict()
+    assert all(torch.equal(value, published[name]) for name, value in lite.state_dict().items())
+    # the default is the brain-tuned delta: the published encoder, a trained decoder
+    brain = catalogue.load_entry(shipped.get("litemedsam-brain-v1")).state_dict()
+    default = load_method("litemedsam").state_dict()
+    assert all(torch.equal(value, default[name]) for name, value in brain.items())
+    assert torch.equal(brain["net.image_encoder.patch_embed.seq.0.c.weight"],
+                       published["net.image_encoder.patch_embed.seq.0.c.weight"])
+    assert not torch.equal(brain["net.mask_decoder.output_upscaling.0.weight"],
+                           published["net.mask_decoder.output_upscaling.0.weight"])
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -27,7 +27,7 @@ LITE_MEDSAM_PARAMETERS = 9_791_300
 
 @pytest.fixture(scope="module")
 def real():
-    return load_method("litemedsam")  # the pretrained() hook: packaged, sha256-verified weights
+    return LiteMedSAMMethod.pretrained()  # the published weights (packaged, sha256-verified); not the default
 
 
 @pytest.fixture(scope="module")

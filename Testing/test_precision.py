@@ -183,7 +183,7 @@ def test_litemedsam_bf16_with_a_box_agrees_with_fp32_and_its_cached_refinement_i
     case, truth = sample_slices
     z, y, x = np.nonzero(truth[3:6])
     box = Box(int(x.min()), int(y.min()), 3, int(x.max()), int(y.max()), 5)  # three slices: the encoder is slow
-    method = load_method("litemedsam")
+    method = get_method_class("litemedsam").pretrained()  # the published weights (the default is brain-tuned)
     cache = EmbeddingCache()
     labels = {}
     for precision in ("fp32", "bf16"):

@@ -168,14 +168,23 @@ def test_segment_shows_overlays_and_the_volume_table(session, tmp_path):
     assert coloured(view_pixels(view(session, "ThreeD")), (0, 1, 0)) > 200, "no lesion surface in 3D"
 
 
-def test_failed_and_cancelled_jobs_leave_the_scene_alone(session):
+def test_failed_and_cancelled_jobs_leave_the_scene_alone(session, monkeypatch):
     box = place_box(session)
     assert box is not None
     before = node_ids(session.scene)
     rows = session.volume_rows()
-    job = run(session.start_segment("medsam", "cpu"))  # its ViT-B weights do not ship: fails in the worker
-    with pytest.raises(WeightsError, match="medsam"):
-        session.finish(job, "segment")
+    with pytest.raises(BrainLesionSAMError, match="medsam ships no trained weights"):
+        session.start_segment("medsam", "cpu")  # its ViT-B weights do not ship: refused before any job
+
+    def damaged(*args):
+        raise WeightsError("weights file unet2d.safetensors is damaged; download or copy it again")
+
+    session.logic.clearCaches()
+    with monkeypatch.context() as patch:  # a failure inside the worker
+        patch.setattr(session.logic, "_loadModel", damaged)
+        job = run(session.start_segment("unet2d", "cpu"))
+        with pytest.raises(WeightsError, match="damaged"):
+            session.finish(job, "segment")
     session.logic.clearCaches()  # the model must load again, so the cancel lands before the network
     job = session.start_segment("unet2d", "cpu")
     job.cancel()

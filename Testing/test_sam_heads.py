@@ -44,11 +44,12 @@ def test_pool_embeddings_are_what_sofa_and_litemedsam_encode(lite):
     images = torch.rand(1, 4, 256, 256) * 255
     images[:, :, :20] = 0
     available = torch.tensor([[True, False, True, True]])
-    pool = modality_embeddings(lite.net, images, available)
+    model = SOFA().eval()
+    pool = modality_embeddings(model, images, available)
     assert pool.shape == (1, 4, 256, 64, 64)
     assert torch.count_nonzero(pool[0, 1]) == 0  # a missing modality is not encoded
     with torch.inference_mode():
-        sofa = SOFA().eval().encode(images, available)
+        sofa = model.encode(images, available)
         flair = lite.encode(images, torch.ones(1, 4, dtype=torch.bool))
     torch.testing.assert_close(pool, sofa, rtol=0, atol=0)
     torch.testing.assert_close(pool[:, 3], flair, rtol=0, atol=0)

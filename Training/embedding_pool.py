@@ -39,10 +39,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from BrainLesionSAMLib.conventions import LABEL_SETS
 from BrainLesionSAMLib.io import atomic_output
 from BrainLesionSAMLib.preprocessing import PreparedCase, prepare_case
 
+from .cache import classes_for
 from .synthesis import SYNTHESISER_VERSION, TRAINING, synthesise_case
 
 POOL_FORMAT = 1
@@ -62,14 +62,6 @@ class PoolSpec:
         return (self.seed, self.stream, index)
 
 
-def class_indices(labels: np.ndarray) -> np.ndarray:
-    """BraTS label values (0/1/2/4) -> class indices 0-3 of ``LABEL_SETS['brats']``."""
-    lookup = np.zeros(256, dtype=np.uint8)
-    for index, value in enumerate(LABEL_SETS["brats"]):
-        lookup[value] = index
-    return lookup[labels]
-
-
 def choose_slices(classes: np.ndarray, brain_slices: np.ndarray, spec: PoolSpec,
                   rng: np.random.Generator) -> np.ndarray:
     """Sorted axial indices: lesion slices evenly spaced over the lesion, plus background slices."""
@@ -82,26 +74,18 @@ def choose_slices(classes: np.ndarray, brain_slices: np.ndarray, spec: PoolSpec,
     return np.sort(np.concatenate([lesion, background]).astype(int))
 
 
-def modality_embeddings(encoder, images: torch.Tensor, available: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    """TinyViT embeddings of every available modality on its own: images [N, 4, 256, 256] in
-    [0, 255] -> [N, 4, 256, 64, 64] (zeros where missing). ``encoder`` is a LiteMedSAM backbone."""
-    present = available.to(torch.bool)
-    n_index, m_index = present.nonzero(as_tuple=True)
-    grey = images[n_index, m_index][:, None].float()
-    out = None
+def modality_embeddings(sofa, images: torch.Tensor, available: torch.Tensor, slices_per_call: int = 1) -> torch.Tensor:
+    """Every available modality through the frozen TinyViT on its own: ``SOFA.encode`` (what SOFA
+    decodes at inference; litemedsam's embedding of a modality is the same), ``slices_per_call``
+    slices (four encodes each) at a time: images [N, 4, 256, 256] -> [N, 4, 256, 64, 64]."""
     with torch.inference_mode():
-        for start in range(0, len(grey), batch):
-            chunk = grey[start:start + batch]
-            encoded = encoder.encode(encoder.normalize(chunk.expand(-1, 3, -1, -1)))
-            if out is None:
-                out = encoded.new_zeros((images.shape[0], images.shape[1]) + tuple(encoded.shape[1:]))
-            out[n_index[start:start + batch], m_index[start:start + batch]] = encoded
-    return out
+        return torch.cat([sofa.encode(images[i:i + slices_per_call], available[i:i + slices_per_call])
+                          for i in range(0, len(images), slices_per_call)])
 
 
 def encode_case(case: PreparedCase, labels: np.ndarray, encoder, spec: PoolSpec,
                 rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    classes = class_indices(labels)
+    classes = classes_for(labels, "brats", "brats").astype(np.uint8)
     chosen = choose_slices(classes, case.brain_slices(), spec, rng)
     images = case.network_slices(chosen)
     available = torch.as_tensor(np.asarray(case.available, dtype=bool))[None].expand(len(chosen), -1).clone()

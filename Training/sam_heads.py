@@ -61,11 +61,10 @@ class HeadConfig:
 
 
 def mask_box(mask: torch.Tensor) -> torch.Tensor | None:
-    """(x0, y0, x1, y1), exclusive end, of a [H, W] mask; None when empty."""
-    rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
-    if len(rows) == 0:
-        return None
-    return torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=torch.float32)
+    """(x0, y0, x1, y1), exclusive end, of a [H, W] mask (SOFA's eq. 4 boxes); None when empty."""
+    from BrainLesionSAMLib.methods.sofa import mask_bounding_boxes
+
+    return mask_bounding_boxes(mask) if bool(mask.any()) else None
 
 
 def case_boxes(pool: Pool) -> dict[int, torch.Tensor]:
@@ -117,7 +116,7 @@ class HeadTraining:
         if config.method == "sofa":
             from BrainLesionSAMLib.methods.sofa import SOFA
 
-            self.model = SOFA(freeze_image_encoder=True)
+            self.model = SOFA(freeze_image_encoder=True, train_user_box_probability=config.user_box_probability)
             self.candidates = torch.arange(len(pool))
             new = ("attention.", "region_prompts")
             groups = [{"params": [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith(new)],
@@ -160,10 +159,9 @@ class HeadTraining:
         targets = pool.targets[index].long()
         available = dropped_modalities(pool.available[index], config.modality_dropout, generator)
         boxes = []
-        for row, i in enumerate(index.tolist()):
-            box = mask_box(targets[row] > 0)
+        for target in targets:
+            box = mask_box(target > 0)
             boxes.append(torch.tensor(WHOLE_SLICE) if box is None else drawn_box(box, config, generator))
-        self.model.config["train_user_box_probability"] = config.user_box_probability
         return self.model.embedding_loss(pool.embeddings[index].float(), available, targets,
                                          boxes=torch.stack(boxes), generator=generator)
 

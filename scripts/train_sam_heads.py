@@ -37,12 +37,12 @@ def _encode_share(indices: list[int], stream: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from BrainLesionSAMLib.backbones.litemedsam import LITE_MEDSAM_SHA256, build_lite_medsam
+    from BrainLesionSAMLib.methods.sofa import SOFA
     from Training.embedding_pool import PoolSpec, build_pool
 
-    encoder = build_lite_medsam(pretrained=True)
+    encoder = SOFA(freeze_image_encoder=True).eval()  # only its frozen TinyViT runs (SOFA.encode)
     folder = POOL / ("validation" if stream else "training")
-    build_pool(folder, PoolSpec(stream=stream), indices, encoder, LITE_MEDSAM_SHA256,
+    build_pool(folder, PoolSpec(stream=stream), indices, encoder, encoder.base_weights()[1],
                log=lambda line: print(f"[{'validation' if stream else 'training'}] {line}", flush=True))
 
 

@@ -8,9 +8,11 @@ the page - and the server stopping by itself once the page is gone. Waits are on
 The tests run in file order on one page; the case is a generated 2 mm case cut to 6 axial slices.
 """
 import ctypes.util
+import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -79,10 +81,31 @@ def data_dir(tmp_path_factory):
     return folder
 
 
+def catalogue_with_an_unreachable_download(folder: Path) -> Path:
+    """The packaged catalogue plus a medsam entry whose URL is a closed port on this machine: choosing it
+    gives a job that fails as an offline user's download does (medsam itself ships no weights)."""
+    with socket.socket() as probe:  # a port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = json.loads((REPOSITORY / "BrainLesionSAMLib" / "Models.json").read_text())
+    data["models"].append({
+        "id": "medsam-unreachable", "title": "MedSAM (test: unreachable download)", "version": "1",
+        "method": "medsam", "config": {}, "file_name": "medsam_vit_b.pth",
+        "url": f"http://127.0.0.1:{port}/medsam_vit_b.pth", "package": None, "origin": "a test server that is down",
+        "sha256": "0" * 64, "size": 1000, "modalities": ["flair"], "required_modalities": ["flair"],
+        "label_set": "lesion", "labels": [0, 1], "gpu_memory_gb": 1.0, "licence": "Apache-2.0",
+        "description": "test entry"})
+    path = folder / "Models.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("web-e2e-out")
-    server = start_server(data_dir, out, out / "server.log", idle_exit_s=IDLE_EXIT_S, cwd=REPOSITORY)
+    env = {"BRAINLESIONSAM_CATALOGUE": str(catalogue_with_an_unreachable_download(tmp_path_factory.mktemp("cat"))),
+           "BRAINLESIONSAM_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    server = start_server(data_dir, out, out / "server.log", idle_exit_s=IDLE_EXIT_S, cwd=REPOSITORY, env=env)
     server.out, server.data_dir = out, data_dir
     yield server
     server.stop()
@@ -169,7 +192,7 @@ def test_a_failed_job_shows_its_error_and_changes_nothing(page):
     page.page.wait_for_selector("#blsam-segment:not([disabled])")
     page.segment()
     error = page.wait_text("#blsam-error", "medsam")
-    assert "weights" in error
+    assert "cannot download" in error and "medsam_vit_b.pth" in error, error
     assert page.volume_table() == table
     page.page.locator("#blsam-error .v-alert__close button").click()
     page.select("blsam-method", re.compile("^unet2d"))

@@ -56,15 +56,17 @@ class Server:
 
 
 def start_server(data_dir: Path, out_dir: Path, log: Path, idle_exit_s: float = 60, host: str = "127.0.0.1",
-                 extra: tuple[str, ...] = (), timeout_s: float = 600, cwd: Path | None = None) -> Server:
+                 extra: tuple[str, ...] = (), timeout_s: float = 600, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> Server:
     """``brainlesionsam-web`` in a subprocess on a free port; returns once it prints its ready line.
-    ``idle_exit_s`` makes it stop by itself once no page has been connected for that long."""
+    ``idle_exit_s`` makes it stop by itself once no page has been connected for that long; ``env``
+    adds environment variables (e.g. another model catalogue) to this process's own."""
     command = [sys.executable, "-m", "BrainLesionSAMWeb.server", "--host", host, "--port", "0",
                "--data", str(data_dir), "--out", str(out_dir), "--idle-exit", str(idle_exit_s), *extra]
     start = time.perf_counter()
     with open(log, "wb") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=cwd)
+                                   cwd=cwd, env={**os.environ, **(env or {})})
     while True:
         text = log.read_text(errors="replace")
         found = READY_PATTERN.search(text)

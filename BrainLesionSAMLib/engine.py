@@ -24,11 +24,17 @@ where that found a lesion, +- ``cascade_margin`` slices; every other slice is ba
 expensive automatic methods (SOFA: four TinyViT encodes per slice) and is off unless asked for: what
 it costs in Dice is what the cascade model misses (docs/benchmarks.md).
 
+Encoder runtime (``encoder_runtime``: 'auto', 'torch' or 'openvino'): on the CPU the hook-free
+image encoder of SAM backbones (LiteMedSAM, SOFA, MedSAM) runs on OpenVINO when it is installed
+('auto'), 2-2.5x faster at float32 with the same embeddings (``backbones.openvino_encoder``). It is
+attached for the run only; the result's ``encoder_runtime`` says which ran.
+
 ``mirror_tta`` runs every network input a second time mirrored left-right and returns the mean of
 the two passes with their voxel-wise disagreement as an uncertainty map (``uncertainty``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -38,6 +44,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .backbones.base import SamBackbone
+from .backbones.openvino_encoder import OpenVINOEncoder, resolve_encoder_runtime
 from .errors import BoxRequiredError, BrainLesionSAMError, CancelledError, GeometryError
 from .methods import SegmentationMethod
 from .postprocessing import DEFAULT_MIN_COMPONENT_ML, remove_small_components
@@ -187,6 +195,7 @@ class SegmentationResult:
     # grid (uncertainty.disagreement); 0 where the result is not the network's (outside brain or box).
     uncertainty: sitk.Image | None = None
     precision: str = "fp32"                 # what the network ran in: 'fp32', 'bf16' or 'fp16' (resolve_precision)
+    encoder_runtime: str = "torch"          # where SAM image encoders ran: 'torch' or 'openvino'
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -205,13 +214,16 @@ class InferenceEngine:
     resolved one. amp: the older switch, kept for its callers; given, it overrides ``precision``:
     True = autocast on CUDA and fp32 on the CPU (what it always did), False = fp32.
     min_component_ml: automatic methods drop whole-lesion components smaller than this (0: keep all).
+    encoder_runtime: 'auto', 'torch' or 'openvino' (the module docstring); ``self.encoder_runtime`` is
+    the resolved one, 'openvino' only where the method has a SAM backbone.
     """
 
     def __init__(self, method: SegmentationMethod, device: str | torch.device = "auto",
                  batch_size: int | None = None, amp: bool | None = None, overlap: float = 0.5,
                  embedding_cache: EmbeddingCache | None = None,
                  min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, precision: str = "auto",
-                 cascade: "InferenceEngine | None" = None, cascade_margin: int = CASCADE_MARGIN_SLICES):
+                 cascade: "InferenceEngine | None" = None, cascade_margin: int = CASCADE_MARGIN_SLICES,
+                 encoder_runtime: str = "auto"):
         if batch_size is not None and batch_size < 1:
             raise BrainLesionSAMError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -227,6 +239,24 @@ class InferenceEngine:
             raise BrainLesionSAMError("a cascade picks axial slices: both its model and the method must be 2D")
         self.cascade = cascade
         self.cascade_margin = int(cascade_margin)
+        self.backbones = [module for module in self.method.modules() if isinstance(module, SamBackbone)]
+        runtime = resolve_encoder_runtime(encoder_runtime, self.device)
+        self.encoder_runtime = runtime if self.backbones else "torch"
+        self._fast_encoders = ([OpenVINOEncoder(backbone, "bf16" if self.precision == "bf16" else "fp32")
+                                for backbone in self.backbones] if self.encoder_runtime == "openvino" else [])
+
+    @contextlib.contextmanager
+    def _fast_encoders_attached(self, progress: ProgressCallback):
+        """The OpenVINO encoders on the method's backbones for one run (they convert at first use and
+        say so through ``progress``)."""
+        for backbone, encoder in zip(self.backbones, self._fast_encoders):
+            encoder.notify = lambda message: progress(0.0, message)
+            backbone.fast_encoder = encoder
+        try:
+            yield
+        finally:
+            for backbone in self.backbones:
+                backbone.fast_encoder = None
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -253,7 +283,7 @@ class InferenceEngine:
         start = time.perf_counter()
         self.method.start_case()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._fast_encoders_attached(progress):
                 if facts.spatial_dims == 2:
                     passes = self._segment_slices(case, box, progress, cancel, axis)
                 else:
@@ -298,7 +328,8 @@ class InferenceEngine:
         progress(1.0, "done")
         return SegmentationResult(label_image, facts.label_set, probability_image, str(self.device),
                                   {"network_s": network_time, "postprocessing_s": time.perf_counter() - start},
-                                  self.method.case_weights(), uncertainty_image, self.precision)
+                                  self.method.case_weights(), uncertainty_image, self.precision,
+                                  self.encoder_runtime)
 
     def _segment_slices(self, case: PreparedCase, box: Box | None, progress: ProgressCallback,
                         cancel: CancelCheck, mirror: int | None = None) -> tuple[np.ndarray, ...]:
@@ -365,7 +396,7 @@ class InferenceEngine:
                            flip: int | None = None) -> torch.Tensor:
         """Embeddings of the batch's slices (flipped along ``flip`` if given: the mirrored pass's own
         entries), encoding only those the cache does not hold."""
-        keys = [(id(self.method), self.precision, case.fingerprint, int(z)) + (() if flip is None else (("mirror", flip),))
+        keys = [(id(self.method), self.precision, self.encoder_runtime, case.fingerprint, int(z)) + (() if flip is None else (("mirror", flip),))
                 for z in batch]
         missing = [i for i, key in enumerate(keys) if self.embedding_cache.get(key) is None]
         if missing:

@@ -83,14 +83,16 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
                    progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
                    batch_size: int | None = None, return_probabilities: bool = False,
                    min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, mirror_tta: bool = False,
-                   precision: str = "auto", cascade: bool = False) -> CaseSegmentation:
+                   precision: str = "auto", cascade: bool = False,
+                   encoder_runtime: str = "auto") -> CaseSegmentation:
     """Check modalities against the method, preprocess, run the engine; nothing is written.
     ``min_component_ml``: the engine's clean-up of automatic results (0 keeps every component).
     ``mirror_tta``: also run every input mirrored left-right (twice the time); the result then
     carries the uncertainty map (``result.uncertainty``, BrainLesionSAMLib.uncertainty).
     ``precision``: 'fp32', 'bf16' or 'auto' (engine.resolve_precision); ``result.precision`` says which ran.
     ``cascade``: an automatic run of a 2D method runs it only near the slices where the default
-    automatic model finds a lesion (engine ``cascade``); ignored with a box or for the default model itself."""
+    automatic model finds a lesion (engine ``cascade``); ignored with a box or for the default model itself.
+    ``encoder_runtime``: 'auto', 'torch' or 'openvino' for SAM image encoders on the CPU (engine)."""
     method.facts.check_modalities([m for m in MODALITIES if images.get(m) is not None])
     if box is not None:
         check_box_corners(box)
@@ -105,7 +107,7 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
         first = InferenceEngine(resolve_method(DEFAULT_METHOD), device=device, batch_size=batch_size,
                                 precision=precision)
     engine = InferenceEngine(method, device=device, batch_size=batch_size, min_component_ml=min_component_ml,
-                             precision=precision, cascade=first)
+                             precision=precision, cascade=first, encoder_runtime=encoder_runtime)
     result = engine.segment(case, box=box, progress=progress, cancel=cancel,
                             return_probabilities=return_probabilities, mirror_tta=mirror_tta)
     return CaseSegmentation(result, case, {"preprocessing_s": preprocessing_time, **result.timings})

@@ -5,8 +5,12 @@ Two trainings share one pool (``Training/embedding_pool.py``):
 - **SOFA** (``sofa``): the sub-region modality attention, the sub-region prompts, the prompt encoder
   and the mask decoder, with the method's own loss (``SOFA.embedding_loss``: the paper's one-vs-all
   sub-region sampling, pass 1 with the automatic or the user's box, pass 2 with the sub-region's
-  jittered box). Half the slices get a whole-tumour box (the Refine-with-ROI use), half train the
-  automatic mode. Modality dropout: with probability ``modality_dropout`` a random non-empty subset
+  jittered box). A fraction ``user_box_probability`` of the slices gets a whole-tumour box (the
+  Refine-with-ROI use), the rest train the automatic mode. The sub-region of a sample is drawn among
+  those present in its slice with probability ``present_region_probability``, else uniformly (the
+  paper's one-vs-all draw): with the uniform draw alone most sampled targets are empty (every slice
+  without that compartment, every background slice), and the first run (0.5 boxed, uniform draw)
+  collapsed to predicting nothing in automatic mode by step 250 (docs/sam_heads.md). Modality dropout: with probability ``modality_dropout`` a random non-empty subset
   of the four modalities is kept (SOFA's attention excludes missing modalities from its softmax).
 - **Brain-tuned LiteMedSAM** (``litemedsam``): the prompt encoder and mask decoder, for the whole
   lesion inside a box on one modality drawn at random. The box is drawn the way a person draws an
@@ -50,7 +54,8 @@ class HeadConfig:
     lr: float = 1e-4                  # LiteMedSAM's decoder and prompt encoder
     head_lr: float = 3e-3             # SOFA's new parts (attention, sub-region prompts; they start at zero)
     modality_dropout: float = 0.3     # SOFA: probability of keeping a random subset only
-    user_box_probability: float = 0.5
+    user_box_probability: float = 0.5  # SOFA: pass 1 with a drawn whole-tumour box this often
+    present_region_probability: float = 0.0  # SOFA: sub-region drawn among the slice's present ones this often
     case_box_probability: float = 0.5  # LiteMedSAM: the case's lesion rectangle, else the slice's
     box_margin: float = 0.15          # LiteMedSAM: up to this fraction of the box side outwards ...
     box_margin_px: int = 6            # ... plus up to this many pixels
@@ -89,6 +94,17 @@ def drawn_box(box: torch.Tensor, config: HeadConfig, generator: torch.Generator)
     drawn = drawn.clamp(0, NETWORK_SIZE)
     drawn[2:] = torch.maximum(drawn[2:], drawn[:2] + 1)  # never an empty box
     return drawn
+
+
+def sampled_regions(targets: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """SOFA's sub-region per sample (0 NCR, 1 ED, 2 ET) for class-index targets [B, H, W]: uniform
+    (one-vs-all), but with ``probability`` one of the sub-regions present in the slice, if any."""
+    regions = torch.randint(0, 3, (len(targets),), generator=generator)
+    for row, target in enumerate(targets):
+        present = [r for r in range(3) if bool((target == r + 1).any())]
+        if present and float(torch.rand(1, generator=generator)) < probability:
+            regions[row] = present[int(torch.randint(0, len(present), (1,), generator=generator))]
+    return regions
 
 
 def dropped_modalities(available: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
@@ -162,8 +178,9 @@ class HeadTraining:
         for target in targets:
             box = mask_box(target > 0)
             boxes.append(torch.tensor(WHOLE_SLICE) if box is None else drawn_box(box, config, generator))
+        regions = sampled_regions(targets, config.present_region_probability, generator)
         return self.model.embedding_loss(pool.embeddings[index].float(), available, targets,
-                                         boxes=torch.stack(boxes), generator=generator)
+                                         boxes=torch.stack(boxes), regions=regions, generator=generator)
 
     def litemedsam_sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(embedding [256, 64, 64] of a random available modality, box [4], target [256, 256] in box)."""
@@ -249,7 +266,8 @@ class HeadTraining:
                 "generator": self.generator.get_state()}
 
     def load_state(self, state: dict) -> None:
-        if state["config"] != asdict(self.config):
+        # a checkpoint from before a field was added has that field's default
+        if asdict(HeadConfig(**state["config"])) != asdict(self.config):
             raise ValueError(f"the checkpoint was made with another configuration ({state['config']}); "
                              "use a new run folder or the same settings")
         missing = self.model.load_state_dict(state["model"], strict=False)

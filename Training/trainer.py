@@ -564,7 +564,8 @@ def validate(method: SegmentationMethod, cache_dir, case_ids: list[str], device,
         Path(prediction_dir).mkdir(parents=True, exist_ok=True)
 
     facts = method.facts
-    engine = InferenceEngine(method, device=device, batch_size=batch_size, amp=amp)
+    # PyTorch's encoder: the weights change between validations, and OpenVINO would convert them anew each time
+    engine = InferenceEngine(method, device=device, batch_size=batch_size, amp=amp, encoder_runtime="torch")
     rows = []
     for case_id in case_ids:
         cached = CachedCase.open(cache_dir, case_id)

@@ -101,9 +101,22 @@ class SamBackbone(nn.Module, abc.ABC):
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's output [B, H, W, C] -> image embedding [B, 256, E, E] (the neck)."""
 
+    # Set by the engine (``use_fast_encoder``): the plain encoder on another runtime, e.g.
+    # openvino_encoder.OpenVINOEncoder. Used only where it computes the same thing (see ``encode``).
+    fast_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def encode(self, normalized: torch.Tensor, after_block: BlockHook | None = None) -> torch.Tensor:
         """[B, 3, S, S] normalised images -> embeddings [B, 256, E, E]; ``after_block(i, x)``, if
-        given, replaces each block's output (where the methods insert their modules)."""
+        given, replaces each block's output (where the methods insert their modules). With a
+        ``fast_encoder`` set, the hook-free encoder runs there in inference on the CPU (no autograd:
+        it is not differentiable)."""
+        if (self.fast_encoder is not None and after_block is None and not torch.is_grad_enabled()
+                and normalized.device.type == "cpu"):
+            return self.fast_encoder(normalized)
+        return self.torch_encode(normalized, after_block)
+
+    def torch_encode(self, normalized: torch.Tensor, after_block: BlockHook | None = None) -> torch.Tensor:
+        """``encode`` in PyTorch, whatever ``fast_encoder`` is."""
         x = self.tokens(normalized)
         for index in range(self.num_blocks):
             x = self.run_block(index, x)

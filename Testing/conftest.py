@@ -6,6 +6,7 @@ import SimpleITK as sitk
 import torchvision.ops  # noqa: F401  - fails loudly if torch and torchvision are a mismatched pair
 
 from BrainLesionSAMLib import engine
+from BrainLesionSAMLib.backbones import openvino_encoder
 
 REAL_CPU_HAS_NATIVE_BF16 = engine.cpu_has_native_bf16
 
@@ -89,6 +90,19 @@ def fp32_auto_precision_on_every_cpu():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine, "cpu_has_native_bf16", lambda *args: False)
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def torch_encoders_under_auto():
+    """Encoder runtime 'auto' is PyTorch in the test process even where OpenVINO is installed: it would
+    convert every test's (often random) encoder weights for about 20 s each. test_openvino_encoder.py
+    tests the OpenVINO path against PyTorch's (``real_openvino``); subprocesses pick for real."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(openvino_encoder, "openvino_installed", lambda: False)
+        yield
+
+
+REAL_OPENVINO_INSTALLED = openvino_encoder.openvino_installed
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import importlib.util
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -80,6 +81,13 @@ def encoder_key(backbone: "SamBackbone") -> str:
     return digest.hexdigest()
 
 
+def cache_folder_for_openvino(folder: str | os.PathLike | None = None) -> Path:
+    """Where converted encoders are kept: ``openvino/`` in the weights cache folder (or in ``folder``)."""
+    from ..catalogue import cache_folder
+
+    return cache_folder(folder) / "openvino"
+
+
 class _PlainEncoder(torch.nn.Module):
     """The backbone's PyTorch encoder as a module to convert (the fast path switched off inside)."""
 
@@ -102,7 +110,10 @@ def _converted_model(backbone: "SamBackbone", key: str, folder: Path | None, not
         return core.read_model(str(target / "encoder.xml"))
     notify(f"converting the {backbone.name} image encoder for OpenVINO (once per weights, about 20 s)")
     example = torch.zeros(1, 3, backbone.image_size, backbone.image_size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # tracing warns about the encoders' shape checks, which hold for every input the engine gives
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.trace")  # used by OpenVINO
         model = openvino.convert_model(_PlainEncoder(backbone).eval(), example_input=example)
     model.reshape({model.inputs[0]: openvino.PartialShape([-1, 3, backbone.image_size, backbone.image_size])})
     if target is not None:
@@ -134,12 +145,7 @@ class OpenVINOEncoder:
         self._request = None
 
     def _folder(self) -> Path | None:
-        from ..catalogue import cache_folder
-
-        try:
-            return (self.cache_folder or cache_folder()) / "openvino"
-        except OSError:
-            return None
+        return cache_folder_for_openvino(self.cache_folder)
 
     def _compiled_model(self):
         key = encoder_key(self.backbone)

@@ -255,7 +255,7 @@ class InferenceEngine:
         try:
             yield
         finally:
-            for backbone in self.backbones:
+            for backbone, _ in zip(self.backbones, self._fast_encoders):
                 backbone.fast_encoder = None
 
     def _autocast(self):
@@ -396,7 +396,8 @@ class InferenceEngine:
                            flip: int | None = None) -> torch.Tensor:
         """Embeddings of the batch's slices (flipped along ``flip`` if given: the mirrored pass's own
         entries), encoding only those the cache does not hold."""
-        keys = [(id(self.method), self.precision, self.encoder_runtime, case.fingerprint, int(z)) + (() if flip is None else (("mirror", flip),))
+        mirrored = () if flip is None else (("mirror", flip),)
+        keys = [(id(self.method), self.precision, self.encoder_runtime, case.fingerprint, int(z)) + mirrored
                 for z in batch]
         missing = [i for i, key in enumerate(keys) if self.embedding_cache.get(key) is None]
         if missing:

@@ -9,9 +9,10 @@ Two trainings share one pool (``Training/embedding_pool.py``):
   Refine-with-ROI use), the rest train the automatic mode. The sub-region of a sample is drawn among
   those present in its slice with probability ``present_region_probability``, else uniformly (the
   paper's one-vs-all draw): with the uniform draw alone most sampled targets are empty (every slice
-  without that compartment, every background slice), and the first run (0.5 boxed, uniform draw)
-  collapsed to predicting nothing in automatic mode by step 250 (docs/sam_heads.md). Modality dropout: with probability ``modality_dropout`` a random non-empty subset
-  of the four modalities is kept (SOFA's attention excludes missing modalities from its softmax).
+  without that compartment, every background slice). ``ce_weight`` is SOFA's lambda_ce. (All three
+  runs so far collapsed to predicting nothing in automatic mode: docs/sam_heads.md.) Modality
+  dropout: with probability ``modality_dropout`` a random non-empty subset of the four modalities
+  is kept (SOFA's attention excludes missing modalities from its softmax).
 - **Brain-tuned LiteMedSAM** (``litemedsam``): the prompt encoder and mask decoder, for the whole
   lesion inside a box on one modality drawn at random. The box is drawn the way a person draws an
   ROI around a tumour: the rectangle of the lesion over the whole case (the engine applies one

@@ -85,9 +85,9 @@ def load_pools():
     return pools
 
 
-# Per-method settings of the release runs on top of HeadConfig's defaults. SOFA's third run: the
-# first (uniform sub-region draw, half boxed) and the second (present sub-regions, 0.3 boxed) collapsed
-# to empty automatic predictions; a 150-step probe with the BCE term at 0.1 did not (docs/sam_heads.md).
+# Per-method settings of the release runs on top of HeadConfig's defaults. SOFA: the third run's recipe;
+# the first (uniform sub-region draw, half boxed), the second (present sub-regions, 0.3 boxed) and this
+# one (BCE weight 0.1 as well) all collapsed to empty automatic predictions (docs/sam_heads.md).
 RECIPES = {"sofa": {"user_box_probability": 0.3, "present_region_probability": 0.8, "ce_weight": 0.1},
            "litemedsam": {}}
 

@@ -101,8 +101,8 @@ class SamBackbone(nn.Module, abc.ABC):
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's output [B, H, W, C] -> image embedding [B, 256, E, E] (the neck)."""
 
-    # Set by the engine (``use_fast_encoder``): the plain encoder on another runtime, e.g.
-    # openvino_encoder.OpenVINOEncoder. Used only where it computes the same thing (see ``encode``).
+    # Set by the engine for one run (InferenceEngine._fast_encoders_attached): the plain encoder on another
+    # runtime, openvino_encoder.OpenVINOEncoder. Used only where it computes the same thing (see ``encode``).
     fast_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def encode(self, normalized: torch.Tensor, after_block: BlockHook | None = None) -> torch.Tensor:

@@ -99,14 +99,14 @@ class _PlainEncoder(torch.nn.Module):
         return self.backbone.torch_encode(normalized)
 
 
-def _converted_model(backbone: "SamBackbone", key: str, folder: Path | None, notify: Callable[[str], None]):
+def _converted_model(backbone: "SamBackbone", key: str, folder: Path, notify: Callable[[str], None]):
     """The OpenVINO model of the encoder: read from ``folder`` when converted before, else converted
     (and saved there, folder-atomically: written under a temporary name, then renamed)."""
     import openvino
 
     core = openvino.Core()
-    target = folder / f"{backbone.name}-{key[:32]}" if folder is not None else None
-    if target is not None and (target / "encoder.xml").is_file():
+    target = folder / f"{backbone.name}-{key[:32]}"
+    if (target / "encoder.xml").is_file():
         return core.read_model(str(target / "encoder.xml"))
     notify(f"converting the {backbone.name} image encoder for OpenVINO (once per weights, about 20 s)")
     example = torch.zeros(1, 3, backbone.image_size, backbone.image_size)
@@ -116,16 +116,15 @@ def _converted_model(backbone: "SamBackbone", key: str, folder: Path | None, not
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.trace")  # used by OpenVINO
         model = openvino.convert_model(_PlainEncoder(backbone).eval(), example_input=example)
     model.reshape({model.inputs[0]: openvino.PartialShape([-1, 3, backbone.image_size, backbone.image_size])})
-    if target is not None:
-        temporary = target.with_name(f"{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
-        try:
-            temporary.mkdir(parents=True, exist_ok=True)
-            openvino.save_model(model, str(temporary / "encoder.xml"), compress_to_fp16=False)
-            os.replace(temporary, target)
-        except OSError:  # unwritable cache, or another process renamed its copy first: keep the model in memory
-            pass
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
+    temporary = target.with_name(f"{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
+    try:
+        temporary.mkdir(parents=True, exist_ok=True)
+        openvino.save_model(model, str(temporary / "encoder.xml"), compress_to_fp16=False)
+        os.replace(temporary, target)
+    except OSError:  # unwritable cache, or another process renamed its copy first: keep the model in memory
+        pass
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
     return model
 
 
@@ -144,9 +143,6 @@ class OpenVINOEncoder:
         self.notify = notify or (lambda message: None)
         self._request = None
 
-    def _folder(self) -> Path | None:
-        return cache_folder_for_openvino(self.cache_folder)
-
     def _compiled_model(self):
         key = encoder_key(self.backbone)
         handle = (key, self.precision, self.threads)
@@ -155,7 +151,8 @@ class OpenVINOEncoder:
             if compiled is None:
                 import openvino
 
-                model = _converted_model(self.backbone, key, self._folder(), self.notify)
+                model = _converted_model(self.backbone, key, cache_folder_for_openvino(self.cache_folder),
+                                         self.notify)
                 compiled = openvino.Core().compile_model(model, "CPU", {
                     "INFERENCE_NUM_THREADS": self.threads,
                     "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision]})

@@ -33,12 +33,13 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .conventions import LABEL_SETS, MODALITIES
-from .errors import CancelledError, WeightsError
+from .errors import CancelledError, InputWarning, WeightsError
 from .io import atomic_output
 
 if TYPE_CHECKING:  # torch-heavy; imported where used
@@ -58,7 +59,7 @@ CancelCheck = Callable[[], bool]
 
 _REQUIRED_KEYS = ("id", "title", "version", "method", "file_name", "sha256", "size", "modalities",
                   "required_modalities", "label_set", "labels", "gpu_memory_gb", "licence", "origin")
-_OPTIONAL_KEYS = ("config", "url", "package", "description", "default", "base", "training")
+_OPTIONAL_KEYS = ("config", "url", "package", "description", "default", "base", "training", "experimental")
 
 
 class IncompleteDownloadError(WeightsError):
@@ -112,6 +113,9 @@ class ModelEntry:
     default: bool = False                # the method's default weights (at most one per method)
     base: str | None = None              # a delta checkpoint's base: the id of the entry it was trained on
     training: dict[str, Any] = field(default_factory=dict)  # data, steps, wall time, validation Dice
+    # Weights trained within a budget that its own learning curve says is too small for a useful
+    # model (issue 21): shipped so the method runs, and said so wherever the entry is shown.
+    experimental: bool = False
 
     @property
     def kind(self) -> str:
@@ -127,7 +131,8 @@ class ModelEntry:
     def summary(self) -> str:
         where = {"download": "downloaded on first use", "package": f"shipped by {self.package.package}"
                  if self.package else "", "import": "import the file yourself"}[self.kind]
-        return (f"{self.title} [{self.id}, v{self.version}] - {self.size_mb:.1f} MB, {where}, "
+        return (("EXPERIMENTAL " if self.experimental else "")
+                + f"{self.title} [{self.id}, v{self.version}] - {self.size_mb:.1f} MB, {where}, "
                 f"needs ~{self.gpu_memory_gb:g} GB GPU memory, licence {self.licence}")
 
     @classmethod
@@ -180,8 +185,9 @@ class ModelEntry:
             raise fail("give either url or package, not both")
         if not str(data["origin"]).strip():
             raise fail("origin must say where the file comes from")
-        if not isinstance(data.get("default", False), bool):
-            raise fail(f"default must be true or false, not {data['default']!r}")
+        for flag in ("default", "experimental"):
+            if not isinstance(data.get(flag, False), bool):
+                raise fail(f"{flag} must be true or false, not {data[flag]!r}")
         if not isinstance(data.get("training", {}), Mapping):
             raise fail("training must be an object (data, steps, wall time, validation Dice)")
         memory = data["gpu_memory_gb"]
@@ -194,7 +200,7 @@ class ModelEntry:
                    origin=str(data["origin"]), config=dict(data.get("config") or {}), url=url,
                    package=package, description=str(data.get("description", "")),
                    default=bool(data.get("default", False)), base=data.get("base") or None,
-                   training=dict(data.get("training") or {}))
+                   training=dict(data.get("training") or {}), experimental=bool(data.get("experimental", False)))
 
 
 @dataclass(frozen=True)
@@ -487,7 +493,11 @@ def load_weights_file(method: str, path: str | os.PathLike, config: Mapping[str,
 
 def load_entry(entry: ModelEntry, folder: str | os.PathLike | None = None, progress: ProgressCallback | None = None,
                cancel: CancelCheck | None = None) -> "SegmentationMethod":
-    """Fetch (if needed), verify and build the method of catalogue ``entry``."""
+    """Fetch (if needed), verify and build the method of catalogue ``entry`` (an InputWarning first
+    when the entry is experimental, so no one takes its output for a finished model's)."""
+    if entry.experimental:
+        warnings.warn(f"'{entry.id}' is experimental: {entry.title}; its training budget was too small for a "
+                      "useful model (see its catalogue description), so check every result", InputWarning, stacklevel=2)
     path = fetch(entry, folder, progress, cancel)
     return load_weights_file(entry.method, path, entry.config)
 

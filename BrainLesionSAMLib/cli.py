@@ -245,6 +245,7 @@ def gather_info() -> dict:
         # What ships: the method's catalogue models, its default first (--weights takes any of the ids).
         entry["weights"] = [{"id": model.id, "title": model.title, "default": model is catalogue.default_for(name),
                              "source": model.kind, "size_mb": round(model.size_mb, 1),
+                             "experimental": model.experimental,
                              **({"training": model.training} if model.training else {})}
                             for model in catalogue.for_method(name)]
         methods.append(entry)

@@ -43,5 +43,5 @@ class BoxRequiredError(BrainLesionSAMError):
 
 class InputWarning(UserWarning):
     """An input was usable only after a change the user should know about (NaN voxels set to 0, a
-    box clipped to the volume). The message says what was done; the command line prints it on one
-    line, ``warning: ...``."""
+    box clipped to the volume), or the chosen weights are a catalogue 'experimental' model. The
+    message says what was done; the command line prints it on one line, ``warning: ...``."""

@@ -274,10 +274,26 @@ def test_cache_folder_precedence(tmp_path, monkeypatch):
     ({"origin": " "}, "where the file comes from"),
     ({"file_name": "../escape.bin"}, "plain file name"),
     ({"colour": "blue"}, "unknown key"),
+    ({"experimental": "yes"}, "experimental must be true or false"),
 ])
 def test_invalid_entries_are_refused(change, message):
     with pytest.raises(WeightsError, match=message):
         entry_for("https://example.org/a.bin", **change)
+
+
+def test_experimental_entry_warns_before_it_is_used(server, tmp_path):
+    """An 'experimental' model (issue 21: weights from a budget too small for a useful model) still
+    runs, but the user is told first, in the entry's summary and as a one-line warning on use."""
+    from BrainLesionSAMLib.errors import InputWarning
+
+    handler, base = server
+    payload = (REPOSITORY / "BrainLesionSAMLib" / "weights" / "unet2d_sample.safetensors").read_bytes()
+    handler.routes["/model.bin"] = (payload, len(payload))
+    entry = entry_for(f"{base}/model.bin", payload=payload, experimental=True)
+    assert entry.summary().startswith("EXPERIMENTAL Test model") and not entry_for(base).experimental
+    with pytest.warns(InputWarning, match="'test-model-v1' is experimental"):
+        model = catalogue.load_entry(entry, tmp_path)
+    assert model.facts.name == "unet2d"
 
 
 def test_catalogue_file_errors(tmp_path):

@@ -200,8 +200,9 @@ def test_lite_backbone_counts_weights_and_one_step(lesion_batch):
 
 
 def test_lite_backbone_rejects_other_sizes_and_unknown_backbones():
-    with pytest.raises(ValueError, match="256 x 256 input only"):
-        CMAA(backbone="lite", image_size=1024)
+    for size in (1024, 100, 32):
+        with pytest.raises(ValueError, match="smaller multiple of 64"):
+            CMAA(backbone="lite", image_size=size)
     with pytest.raises(ValueError, match="unknown backbone 'vit_h'"):
         CMAA(backbone="vit_h")
 
@@ -230,3 +231,58 @@ def test_cmaa_starts_as_backbone(lesion_batch):
     adapted = CMAA(backbone="lite", adapter_zero_init=False).eval()
     with torch.no_grad():
         assert (adapted(images, available)[:, 1:] - reference).abs().max() > 1e-2
+
+
+def test_lite_backbone_at_128_is_the_same_network_on_half_the_grids(lesion_batch):
+    """The CPU release (image_size 128): LiteMedSAM's weights load unchanged, every feature grid is
+    half of the 256 build's, the decoder's 32 x 32 mask comes back at the engine's 256 slice, and the
+    output depends on the input."""
+    from BrainLesionSAMLib.backbones.litemedsam import load_lite_medsam_state
+
+    small, full = CMAA(backbone="lite", image_size=128).eval(), CMAA(backbone="lite").eval()
+    assert small.backbone.block_grids == tuple(g // 2 for g in full.backbone.block_grids)
+    assert (small.backbone.image_size, small.backbone.embedding_size) == (128, 32)
+    published = load_lite_medsam_state()
+    state = small.backbone.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in published.items())
+    assert small.parameter_counts() == full.parameter_counts()
+    images, available, _ = lesion_batch
+    with torch.no_grad():
+        logits = small(images, available)
+    assert logits.shape == (2, 2, 256, 256) and torch.isfinite(logits).all()
+    assert (logits[0, 1] - logits[1, 1]).abs().max() > 1e-3  # two different slices, two different outputs
+
+
+def test_release_export_is_a_delta_on_litemedsam_that_loads_back(tmp_path):
+    """`brainlesionsam-train --export RUN --delta`: the file holds the trained tensors only (no
+    encoder tensor), names LiteMedSAM as its base, and loads back to the very same network."""
+    import json
+
+    from safetensors import safe_open
+
+    from BrainLesionSAMLib.checkpoints import load_method, read_header, save_checkpoint
+    from BrainLesionSAMLib.backbones.litemedsam import LITE_MEDSAM_SHA256
+    from Training.export import export_run
+
+    torch.manual_seed(0)
+    model = CMAA(backbone="lite", image_size=128)
+    with torch.no_grad():
+        model.adapters[0].fuse.weight.normal_(0, 0.01)
+        model.backbone.mask_decoder.output_upscaling[0].weight.add_(0.01)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(model, run / "final.safetensors", training_data="unit test")
+    (run / "config.json").write_text(json.dumps({"name": "cmaa_release", "method": "cmaa",
+                                                 "data": {"root": str(run)}}))
+    entry = export_run(run, tmp_path / "cmaa.safetensors", which="final", delta=True)
+    path = tmp_path / "cmaa.safetensors"
+    assert read_header(path)["base"]["sha256"] == LITE_MEDSAM_SHA256
+    assert entry["config"] == {"backbone": "lite", "image_size": 128}
+    with safe_open(str(path), "pt") as handle:
+        names = set(handle.keys())
+    assert "adapters.0.fuse.weight" in names and "backbone.mask_decoder.output_upscaling.0.weight" in names
+    assert not any(name.startswith(("backbone.image_encoder.", "backbone.prompt_encoder.")) for name in names)
+    assert path.stat().st_size < 25e6
+    loaded = load_method("cmaa", path)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from BrainLesionSAMLib.checkpoints import load_checkpoint, read_header, save_checkpoint
+from BrainLesionSAMLib.checkpoints import load_checkpoint, read_header, save_checkpoint, save_delta_checkpoint
 from BrainLesionSAMLib.errors import BrainLesionSAMError
 from BrainLesionSAMLib.methods import build_method, get_method_class
 from BrainLesionSAMLib.pth import file_sha256
@@ -55,13 +55,16 @@ def estimated_gpu_memory_gb(path: Path) -> float:
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
                model_id: str | None = None, url: str = "", licence: str = "", version: str = "1",
                gpu_memory_gb: float | None = None, title: str | None = None,
-               training_data: str | None = None) -> dict[str, Any]:
+               training_data: str | None = None, delta: bool = False) -> dict[str, Any]:
     """Write ``out`` (release checkpoint) from a run's ``best`` / ``final`` weights or its ``last``
     training checkpoint, and ``<out>.catalogue.json``; returns the catalogue entry, checked by
     ``BrainLesionSAMLib.catalogue.ModelEntry.from_dict`` (the catalogue's own validation).
 
     ``best`` falls back to ``final`` when the run never validated. ``training_data`` replaces the
     run's own description of its data (which names the data folder on the training machine).
+    ``delta``: write only the tensors training changed on the method's third-party base weights
+    (``save_delta_checkpoint``; e.g. CMAA on a frozen LiteMedSAM), and name the base in the entry's
+    description; the catalogue entry then needs ``base`` (the base's entry id).
     """
     from BrainLesionSAMLib.catalogue import ModelEntry
 
@@ -93,8 +96,11 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ExportError(f"the weights of {run_dir} do not fit method '{name}' as configured: {error}") from None
-    save_checkpoint(model, out, training_data=training,
-                    extra={"training_config": config["name"], "training_steps": steps, "exported_from": which})
+    extra = {"training_config": config["name"], "training_steps": steps, "exported_from": which}
+    if delta:
+        save_delta_checkpoint(model, out, training_data=training, extra=extra)
+    else:
+        save_checkpoint(model, out, training_data=training, extra=extra)
     header = read_header(out)
     # Only what differs from the method's defaults: the catalogue compares it with the loaded model.
     defaults = _json(cls.default_config)
@@ -126,13 +132,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
 
 
 def export_packaged_weights(run_dir: str | os.PathLike, target: str | os.PathLike, which: str = "final",
-                            training_data: str | None = None) -> dict[str, Any]:
+                            training_data: str | None = None, delta: bool = False) -> dict[str, Any]:
     """Export a run's weights as a file shipped inside the package (``BrainLesionSAMLib/weights/``):
     only the release checkpoint lands at ``target`` (its catalogue entry is the catalogue's, not a
     ``.catalogue.json`` beside it); returns the entry, whose sha256 and size the catalogue must carry."""
     target = Path(target)
     with tempfile.TemporaryDirectory() as folder:
         exported = Path(folder) / target.name
-        entry = export_run(run_dir, exported, which=which, training_data=training_data)
+        entry = export_run(run_dir, exported, which=which, training_data=training_data, delta=delta)
         shutil.copyfile(exported, target)
     return entry

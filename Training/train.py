@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--title", default=None, help="title shown in the Slicer panel (catalogue entry)")
     export.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="GPU memory the weights need at inference (catalogue entry; default: a rough estimate)")
+    export.add_argument("--delta", action="store_true",
+                        help="store only the tensors training changed on the method's third-party base weights "
+                             "(e.g. CMAA or SOFA on LiteMedSAM); the base is checked by sha256 on load")
     return parser
 
 
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out.exists():
                 raise BrainLesionSAMError(f"{args.out} already exists; choose another --out")
             entry = export_run(args.export, args.out, args.which, args.model_id, args.url, args.licence,
-                               args.version, args.gpu_memory_gb, args.title)
+                               args.version, args.gpu_memory_gb, args.title, delta=args.delta)
             print(json.dumps(entry, indent=1))
             print(f"wrote {args.out} and {args.out}.catalogue.json")
             return 0

@@ -1,6 +1,13 @@
-"""Generalisation benchmark: the unet2d weights on cases they were not made from (issue 19).
+"""Generalisation benchmark: the unet2d weights on cases they were not made from (issue 19), and
+any other method's weights on the same cases (issue 21).
 
     python benchmarks/generalisation.py [--cases 4] [--out docs/generalisation_results.json]
+    python benchmarks/generalisation.py --no-unet2d --model cmaa=cmaa --model "cmaa FLAIR=cmaa:runs/cmaa_release_flair/final.safetensors:flair"
+
+``--model LABEL=METHOD[:WEIGHTS[:MODALITIES]]`` adds a model: the method with WEIGHTS (a file or a
+catalogue id; empty = what ``brainlesionsam segment --method METHOD`` uses without ``--weights``),
+given only MODALITIES (comma-separated; default all four). A model of label set 'lesion' is scored
+on the whole tumour only (its lesion against WT), TC and ET are left out.
 
 Test groups (seeds never used in training: training pools use (0, pool, i), validation
 (0, 999999, i); the test uses (TEST_SEED, group, i)):
@@ -36,7 +43,9 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from BrainLesionSAMLib.catalogue import resolve_method  # noqa: E402
 from BrainLesionSAMLib.checkpoints import load_checkpoint  # noqa: E402
+from BrainLesionSAMLib.conventions import MODALITIES  # noqa: E402
 from BrainLesionSAMLib.methods.unet2d import UNet2DBaseline  # noqa: E402
 from BrainLesionSAMLib.metrics import evaluate_labels  # noqa: E402
 from BrainLesionSAMLib.pipeline import segment_images  # noqa: E402
@@ -46,7 +55,7 @@ from Training.synthesis import SHIFTED, TRAINING, synthesise_case  # noqa: E402
 TEST_SEED = 424242
 WEIGHTS = {"phantom (v1)": REPO / "BrainLesionSAMLib/weights/unet2d_sample.safetensors",
            "synthesis (v2)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis.safetensors",
-           # not shipped (docs/generalisation.md): `scripts/train_default_model.py --config unet2d_synthesis_v3`
+           # not shipped (docs/generalisation.md): `scripts/train_release_weights.py --config unet2d_synthesis_v3`
            "synthesis (v3)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis_v3.safetensors"}
 REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
 THRESHOLDS_ML = (0.0, 0.1, 0.5)  # connected-component clean-up swept on the raw prediction
@@ -75,13 +84,19 @@ def load(path: Path) -> UNet2DBaseline:
     return method.eval()
 
 
-def score(prediction: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, ...]) -> dict:
+def score(prediction: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, ...], label_set: str = "brats") -> dict:
     voxel_ml = float(np.prod(spacing_zyx)) / 1000
     row = {"true_ml": float((truth > 0).sum()) * voxel_ml, "predicted_ml": float((prediction > 0).sum()) * voxel_ml}
-    metrics = evaluate_labels(prediction, truth, spacing_zyx, label_set="brats")
-    for region, values in REGIONS.items():
-        if np.isin(truth, values).any():
-            row[f"{region}_dice"] = float(metrics[region]["dice"])
+    if label_set == "lesion":  # one lesion class: scored against the whole tumour
+        if (truth > 0).any():
+            whole = evaluate_labels((prediction > 0).astype(np.uint8), (truth > 0).astype(np.uint8), spacing_zyx,
+                                    label_set="lesion")
+            row["WT_dice"] = float(whole["lesion"]["dice"])
+    else:
+        metrics = evaluate_labels(prediction, truth, spacing_zyx, label_set="brats")
+        for region, values in REGIONS.items():
+            if np.isin(truth, values).any():
+                row[f"{region}_dice"] = float(metrics[region]["dice"])
     # Detection on 26-connected whole-lesion components (cheap; not the BraTS 2023 dilation rule of
     # BrainLesionSAMLib.lesion_metrics, which is too slow for the hundreds of specks of a raw 2D model):
     # a true lesion is detected when a predicted voxel touches it, a predicted component is a false
@@ -142,8 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "generalisation_results.json")
     parser.add_argument("--mirror-tta", nargs="*", default=[], metavar="MODEL",
                         help="also score these models (names of WEIGHTS) with mirror test-time augmentation")
+    parser.add_argument("--model", action="append", default=[], metavar="LABEL=METHOD[:WEIGHTS[:MODALITIES]]",
+                        help="also score this method (see the module docstring); repeatable")
+    parser.add_argument("--no-unet2d", action="store_true", help="leave out the unet2d weights of WEIGHTS")
     args = parser.parse_args(argv)
-    loaded = {name: load(path) for name, path in WEIGHTS.items() if path.exists()}
+    loaded = {} if args.no_unet2d else {name: load(path) for name, path in WEIGHTS.items() if path.exists()}
+    given = {name: MODALITIES for name in loaded}  # the modalities each model is given
+    for spec in args.model:
+        label, _, rest = spec.partition("=")
+        method_name, _, rest = rest.partition(":")
+        weights, _, modalities = rest.partition(":")
+        if not label or not method_name:
+            parser.error(f"--model {spec!r}: give LABEL=METHOD[:WEIGHTS[:MODALITIES]]")
+        loaded[label] = resolve_method(method_name, weights or None).eval()
+        given[label] = tuple(modalities.split(",")) if modalities else MODALITIES
     if set(args.mirror_tta) - set(loaded):
         parser.error(f"--mirror-tta: unknown model(s) {sorted(set(args.mirror_tta) - set(loaded))}; "
                      f"available: {', '.join(loaded)}")
@@ -161,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             truth = sitk.GetArrayFromImage(labels)
             spacing = labels.GetSpacing()[::-1]
             for name, (method, tta) in models.items():
-                raw = sitk.GetArrayFromImage(segment_images(images, method, device="cpu", min_component_ml=0,
+                shown = {m: images[m] for m in given[name.removesuffix(" +TTA")]}
+                raw = sitk.GetArrayFromImage(segment_images(shown, method, device="cpu", min_component_ml=0,
                                                             mirror_tta=tta).result.labels)
                 for threshold in THRESHOLDS_ML:
                     prediction = remove_small_components(raw, spacing, threshold)
-                    rows[f"{name} cc>={threshold:g}ml"].append({"case": index, **info, **score(prediction, truth, spacing)})
+                    rows[f"{name} cc>={threshold:g}ml"].append(
+                        {"case": index, **info, **score(prediction, truth, spacing, method.facts.label_set)})
             print(f"{group} case {index} ({info['kind']}) {time.perf_counter() - start:.0f} s: " + "  ".join(
                 f"{name} WT {rows[name][-1].get('WT_dice', float('nan')):.2f}" for name in rows if "cc>=0ml" in name
                 or "cc>=0.1ml" in name), flush=True)

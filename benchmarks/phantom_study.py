@@ -720,6 +720,39 @@ def ablation_table(results: Results, table: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+# The release configurations' fusion-vs-single-modality comparison (issue 21) is not a phantom-study run:
+# benchmarks/generalisation.py --model ... scores the shipped weights and their single-FLAIR controls on
+# the generalisation cases and writes this file; the page shows it so that the paper-table comparison
+# lives in one place.
+RELEASE_COMPARISON = REPO / "docs" / "release_fusion_results.json"
+
+
+def release_comparison_lines(path: Path = RELEASE_COMPARISON) -> list[str]:
+    """The section of the page for ``path`` (nothing when it does not exist): per model WT Dice at the
+    0.1 ml clean-up, per generalisation group and over all groups (mean of the cases)."""
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text(encoding="utf-8"))
+    groups = list(results["groups"])
+    models = [name.removesuffix(" cc>=0.1ml") for name in results["groups"][groups[0]] if name.endswith(" cc>=0.1ml")]
+    lines = ["## Release configurations: fusion against single FLAIR (issue 21)", "",
+             "Not phantom-study runs: each method's CPU release configuration (docs/release_methods.md) and its "
+             "single-FLAIR control, trained with the same budget on the domain-randomised synthesiser, scored on "
+             f"the generalisation cases (`benchmarks/generalisation.py`, {results['cases_per_group']} case(s) per "
+             "group, fully automatic, 0.1 ml clean-up; one lesion class, scored as WT). Dice in %; n = cases with "
+             "a lesion. Source: `" + str(path.relative_to(REPO)) + "`.", "",
+             "| model | n | WT Dice (all groups) | " + " | ".join(groups) + " |",
+             "|---|---|---|" + "---|" * len(groups)]
+    for model in models:
+        per_group = [[row["WT_dice"] for row in results["groups"][g][f"{model} cc>=0.1ml"]["rows"] if "WT_dice" in row]
+                     for g in groups]
+        every = [value for values in per_group for value in values]
+        cells = [f"{100 * statistics.mean(v):.1f}" if v else "—" for v in per_group]
+        overall = f"{100 * statistics.mean(every):.1f} ± {100 * statistics.pstdev(every):.1f}" if every else "—"
+        lines.append(f"| {model} | {len(every)} | {overall} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_page(study: dict[str, Any], out: Path, page: Path) -> None:
     from BrainLesionSAMLib.io import atomic_output
 
@@ -778,6 +811,7 @@ def write_page(study: dict[str, Any], out: Path, page: Path) -> None:
     ]
     for table in study["tables"]:
         lines += ablation_table(results, table)
+    lines += release_comparison_lines()
     lines += [
         "## What this is not",
         "",

@@ -53,7 +53,8 @@ def _weights(name: str, entries, configs: set[str]) -> str:
         else:
             where = "bring the file (`catalogue.import_weights`)"
         default = " (default)" if entry is entries[0] and len(entries) > 1 else ""
-        shipped.append(f"`{entry.id}`{default}: {entry.title}, {where}")
+        experimental = " **experimental**" if entry.experimental else ""
+        shipped.append(f"`{entry.id}`{default}{experimental}: {entry.title}, {where}")
     if shipped:
         return "; ".join(shipped)
     if name in configs:

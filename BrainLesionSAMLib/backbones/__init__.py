@@ -14,7 +14,7 @@ import os
 
 from .base import BACKBONES, SamBackbone
 
-__all__ = ["BACKBONES", "SamBackbone", "build_backbone"]
+__all__ = ["BACKBONES", "SamBackbone", "backbone_base", "build_backbone"]
 
 
 def build_backbone(name: str, image_size: int = 256, weights: str | os.PathLike | None = None,
@@ -24,7 +24,7 @@ def build_backbone(name: str, image_size: int = 256, weights: str | os.PathLike 
     ``vit_b``: ``weights`` is a SAM / MedSAM ViT-B ``.pth`` (every tensor must load; unexpected
     keys only warn); None leaves it random (tests, or before loading one of our checkpoints).
     ``lite``: ``weights`` is a LiteMedSAM-layout ``.pth``; None loads the packaged
-    ``lite_medsam.pth``. Only 256 input (TinyViT's 64 x 64 grid is built in).
+    ``lite_medsam.pth``. 256 input (LiteMedSAM's) or a smaller multiple of 64 (same weights).
     """
     if name == "vit_b":
         import warnings
@@ -41,10 +41,26 @@ def build_backbone(name: str, image_size: int = 256, weights: str | os.PathLike 
                 warnings.warn(report.summary(), stacklevel=2)
         return backbone
     if name == "lite":
-        from .litemedsam import IMAGE_SIZE, build_lite_medsam
+        from .litemedsam import build_lite_medsam, check_image_size
 
-        if image_size != IMAGE_SIZE:
-            raise ValueError(f"{method}: the 'lite' backbone (LiteMedSAM) takes {IMAGE_SIZE} x {IMAGE_SIZE} "
-                             f"input only, not {image_size}; use image_size {IMAGE_SIZE} or backbone 'vit_b'")
-        return build_lite_medsam(pretrained=True, checkpoint=weights)
+        check_image_size(image_size, method)
+        return build_lite_medsam(pretrained=True, checkpoint=weights, image_size=image_size)
     raise ValueError(f"{method}: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def backbone_base(name: str, weights: str | os.PathLike | None, method: str = "this method") -> tuple[str, str]:
+    """(name, sha256) of the file that ``build_backbone(name, ..., weights)`` initialises from: the base
+    of a delta checkpoint (``checkpoints.save_delta_checkpoint``). A random ``vit_b`` has none."""
+    from ..errors import WeightsError
+
+    if name == "lite":
+        from .litemedsam import lite_medsam_base
+
+        return lite_medsam_base(weights)
+    if weights is None:
+        raise WeightsError(f"{method} with backbone '{name}' and no backbone_weights starts from random weights; "
+                           "there is no base to save a delta against")
+    from ..pth import file_sha256
+
+    return os.path.basename(weights), file_sha256(weights)
+

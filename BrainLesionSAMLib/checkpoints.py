@@ -158,8 +158,8 @@ def load_method(name: str, weights: str | os.PathLike | None = None) -> Segmenta
             return model.eval()
         weights = PACKAGED_WEIGHTS_DIR / cls.packaged_weights
         if not weights.is_file():
-            raise WeightsError(f"the packaged weights {weights} are missing; reinstall the package or "
-                               "re-create them with scripts/train_sample_weights.py")
+            raise WeightsError(f"the packaged weights {weights} are missing; reinstall the package or re-create "
+                               "the file with the script its catalogue entry's origin names")
     state, header = load_checkpoint(weights, expected_method=name)
     config = {**(header.get("config") or {}), **{key: None for key in cls.initialisation_keys}}
     if header.get("base"):

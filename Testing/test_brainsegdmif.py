@@ -75,7 +75,7 @@ def test_facts_config_and_errors():
                          ({"fusion_feedback": "replace"}, "fusion_feedback"), ({"dmif": "yes"}, "dmif must be"),
                          ({"mask_tokens": 1}, "mask_tokens"), ({"head": "brats", "mask_tokens": 3}, "mask_tokens"),
                          ({"fusion_reduction": 0}, "fusion_reduction"), ({"backbone": "vit_h"}, "unknown backbone"),
-                         ({"backbone": "lite", "image_size": 1024}, "256 x 256 input only")):
+                         ({"backbone": "lite", "image_size": 1024}, "smaller multiple of 64")):
         with pytest.raises(ValueError, match=message):
             build_on_meta(**bad)
     # An instance configured otherwise carries its own facts; the class keeps the default ones.

@@ -149,7 +149,7 @@ def test_facts_and_config():
                 DBSAM(**bad)
         with pytest.raises(ValueError, match="unknown config"):
             DBSAM(adapters=3)
-    with pytest.raises(ValueError, match="256 x 256 input only"):
+    with pytest.raises(ValueError, match="smaller multiple of 64"):
         DBSAM(backbone="lite", image_size=1024)
 
 

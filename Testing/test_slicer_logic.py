@@ -206,9 +206,9 @@ def test_weights_choices_and_devices(case, tmp_path):
     logic = case["logic"]
     assert [key for key, _ in logic.weightsChoices("unet2d")] == ["catalogue:unet2d-sample-v1", "catalogue:unet2d-synthesis-v2",
                                                              "file"]
-    assert [key for key, _ in logic.weightsChoices("cmaa")] == ["none", "file"]
-    assert logic.weightsProblem("cmaa") and not logic.weightsProblem("unet2d")
-    assert logic.methodInfo("cmaa").weightsProblem == logic.weightsProblem("cmaa")
+    assert [key for key, _ in logic.weightsChoices("dbsam")] == ["none", "file"]
+    assert logic.weightsProblem("dbsam") and not logic.weightsProblem("unet2d")
+    assert logic.methodInfo("dbsam").weightsProblem == logic.weightsProblem("dbsam")
     assert logic._weightsKey("unet2d", None) == ("catalogue", "unet2d-sample-v1")
     assert logic._weightsKey("unet2d", "litemedsam-v1") == ("catalogue", "litemedsam-v1")
     assert logic._weightsKey("unet2d", tmp_path / "w.safetensors") == ("file", str((tmp_path / "w.safetensors").resolve()))

@@ -69,7 +69,7 @@ def test_facts_and_config():
                          ({"train_box_jitter_px": 2.5}, "train_box_jitter_px"),
                          ({"train_user_box_probability": 2}, "train_user_box_probability"),
                          ({"backbone": "vit_h"}, "unknown backbone"),
-                         ({"image_size": 1024}, "256 x 256 input only")]:
+                         ({"image_size": 1024}, "smaller multiple of 64")]:
         with pytest.raises(ValueError, match=message):
             with torch.device("meta"):
                 SOFA(**bad)

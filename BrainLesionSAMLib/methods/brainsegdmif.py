@@ -150,7 +150,7 @@ class BrainSegDMIF(SegmentationMethod):
     )
     initialisation_keys = ("backbone_weights",)
     default_config = {
-        "backbone": "vit_b",            # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT, 256 only)
+        "backbone": "vit_b",            # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT at 256, or a smaller multiple of 64)
         "backbone_weights": None,       # vit_b: SAM / MedSAM .pth for every stream, None = random;
                                         # lite: LiteMedSAM .pth, None = the packaged lite_medsam.pth
         "image_size": 256,              # encoder input; the paper's 256 x 256 slices

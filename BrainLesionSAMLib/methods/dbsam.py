@@ -310,7 +310,7 @@ class DBSAM(BoxPromptedLesionMethod):
     )
     initialisation_keys = ("backbone_weights",)
     default_config = {
-        "backbone": "vit_b",            # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT, 256 only)
+        "backbone": "vit_b",            # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT at 256, or a smaller multiple of 64)
         "backbone_weights": None,       # vit_b: SAM / MedSAM .pth, None = random (tests only);
                                         # lite: LiteMedSAM .pth, None = the packaged lite_medsam.pth
         "image_size": None,             # ViT input; None = 1024 for vit_b (paper), 256 for lite

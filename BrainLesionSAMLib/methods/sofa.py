@@ -281,7 +281,7 @@ class SOFA(SegmentationMethod):
         "backbone": "lite",              # 'lite' (LiteMedSAM, the paper's) or 'vit_b' (SAM ViT-B)
         "backbone_weights": None,        # lite: LiteMedSAM .pth, None = the packaged lite_medsam.pth;
                                          # vit_b: SAM / MedSAM .pth, None = random (tests only)
-        "image_size": 256,               # encoder input (lite: 256 only); slices resized inside
+        "image_size": 256,               # encoder input (lite: 256 or a smaller multiple of 64); slices resized inside
         "attention_pooling": "none",     # 'none': a weight per pixel (eq. 1 literally); 'mean': per slice
         "attention_zero_init": True,     # W_r = 0 at the start: mean fusion, unchanged LiteMedSAM
         "region_prompts": True,          # a learnt dense prompt per sub-region (ours; False: the paper's literal design)

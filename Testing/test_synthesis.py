@@ -186,3 +186,20 @@ def test_synthesis_training_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     straight = load_checkpoint(tmp_path / "straight" / "final.safetensors")[1]["sha256"]
     assert load_checkpoint(tmp_path / "resumed" / "final.safetensors")[1]["sha256"] == straight
+
+
+def test_no_pool_is_made_for_epochs_the_run_will_not_have(tmp_path):
+    """A run's last pool starts no background synthesis of a next one (it would only take CPU from
+    the training), and a next pool already being made when the run learns its length is stopped."""
+    from Training.synthesis.pools import PoolMaker, pool_folder
+
+    eager = PoolMaker(tmp_path, seed=3, count=1, background=True)
+    assert eager.ready(0) == ["synth_p00000_0000"]
+    process = eager._pending[1]            # without a known end, pool 1 is started at once
+    eager.stop_after(0)
+    assert not eager._pending and not process.is_alive()
+    bounded = PoolMaker(tmp_path, seed=3, count=1, background=True)
+    bounded.stop_after(0)
+    assert bounded.ready(0) == ["synth_p00000_0000"] and not bounded._pending
+    bounded.close()
+    assert not pool_folder(tmp_path, 1).exists() or not any(pool_folder(tmp_path, 1).glob("*/"))

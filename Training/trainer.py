@@ -320,6 +320,8 @@ class Trainer:
                 f"accumulation {accumulation}; lower train.batch_size or use more cases")
         total_steps = train["max_steps"] or train["epochs"] * steps_per_epoch
         epochs = math.ceil(total_steps / steps_per_epoch)
+        if synthesis is not None and self.pools is not None:
+            self.pools.stop_after((epochs - 1) // pool_epochs)
         generator = torch.Generator().manual_seed(train["seed"])  # keeps DataLoader seeding off the global RNG
 
         def make_loader(dataset: TrainingSamples, sampler: BalancedDistributedSampler) -> DataLoader:

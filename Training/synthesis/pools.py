@@ -97,7 +97,17 @@ class PoolMaker:
         self.cache_dir, self.seed, self.count, self.ranges = str(cache_dir), seed, count, ranges
         self.log = log or (lambda message: None)
         self.background = background
+        self.last_pool: int | None = None  # no pool after this one is made (None: not known yet)
         self._pending: dict[int, multiprocessing.Process] = {}
+
+    def stop_after(self, last_pool: int) -> None:
+        """The run needs no pool after ``last_pool``: one already being made beyond it is stopped
+        (it would only take CPU from the training), and none is started."""
+        self.last_pool = last_pool
+        for pool in [p for p in self._pending if p > last_pool]:
+            process = self._pending.pop(pool)
+            process.terminate()
+            process.join()
 
     def ready(self, pool: int) -> list[str]:
         """The case ids of ``pool``, written (waiting for the background process that makes it, or
@@ -109,7 +119,8 @@ class PoolMaker:
                 self.log(f"the background synthesis of pool {pool} failed (exit {process.exitcode}); writing it here")
         ids = write_pool(self.cache_dir, self.seed, pool, self.count, self.ranges, self.log)
         self._drop_older_than(pool)
-        if self.background and pool + 1 not in self._pending:
+        wanted = self.last_pool is None or pool + 1 <= self.last_pool
+        if self.background and wanted and pool + 1 not in self._pending:
             process = multiprocessing.get_context("spawn").Process(
                 target=_write_pool_quietly, args=(self.cache_dir, self.seed, pool + 1, self.count, self.ranges),
                 daemon=True)

@@ -18,7 +18,7 @@ import torch
 from BrainLesionSAMLib import catalogue
 from BrainLesionSAMLib.catalogue import Catalogue, IncompleteDownloadError, ModelEntry
 from BrainLesionSAMLib.checkpoints import load_method
-from BrainLesionSAMLib.errors import CancelledError, WeightsError
+from BrainLesionSAMLib.errors import CancelledError, InputWarning, WeightsError
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SHIPPED_CATALOGUE = REPOSITORY / "BrainLesionSAMLib" / "Models.json"
@@ -79,9 +79,13 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_shipped_catalogue_matches_the_methods_and_the_files():
     shipped = catalogue.load_catalogue(SHIPPED_CATALOGUE)
-    assert shipped.ids() == ["unet2d-sample-v1", "unet2d-synthesis-v2", "litemedsam-v1", "litemedsam-brain-v1"]
+    assert shipped.ids() == ["unet2d-sample-v1", "unet2d-synthesis-v2", "litemedsam-v1", "litemedsam-brain-v1",
+                             "cmaa-lite128-v1"]
     assert shipped.default_for("litemedsam").id == "litemedsam-brain-v1"
     assert shipped.get("litemedsam-brain-v1").base == "litemedsam-v1"
+    cmaa = shipped.default_for("cmaa")
+    assert (cmaa.id, cmaa.base, cmaa.experimental) == ("cmaa-lite128-v1", "litemedsam-v1", True)
+    assert "128 px" in cmaa.title and cmaa.size < 25e6  # the reductions are in the name; a delta under 25 MB
     assert catalogue.check_against_registry(shipped) == []
     for entry in shipped.entries:
         assert entry.url is None and entry.kind == "package"  # no invented download addresses
@@ -122,6 +126,14 @@ def test_catalogue_entries_build_their_methods():
                        published["net.image_encoder.patch_embed.seq.0.c.weight"])
     assert not torch.equal(brain["net.mask_decoder.output_upscaling.0.weight"],
                            published["net.mask_decoder.output_upscaling.0.weight"])
+    # CMAA's release: a delta on the same published encoder, run at 128 px
+    with pytest.warns(InputWarning, match="experimental"):
+        cmaa = catalogue.load_entry(shipped.get("cmaa-lite128-v1"))
+    assert (cmaa.config["backbone"], cmaa.config["image_size"], cmaa.backbone.image_size) == ("lite", 128, 128)
+    encoder = cmaa.backbone.image_encoder.state_dict()
+    assert all(torch.equal(encoder[name.removeprefix("net.image_encoder.")], value)
+               for name, value in published.items() if name.startswith("net.image_encoder."))
+    assert cmaa.adapters[0].fuse.weight.abs().max() > 0  # trained: the adapters started at zero
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -284,7 +296,6 @@ def test_invalid_entries_are_refused(change, message):
 def test_experimental_entry_warns_before_it_is_used(server, tmp_path):
     """An 'experimental' model (issue 21: weights from a budget too small for a useful model) still
     runs, but the user is told first, in the entry's summary and as a one-line warning on use."""
-    from BrainLesionSAMLib.errors import InputWarning
 
     handler, base = server
     payload = (REPOSITORY / "BrainLesionSAMLib" / "weights" / "unet2d_sample.safetensors").read_bytes()

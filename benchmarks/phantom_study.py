@@ -739,8 +739,9 @@ def release_comparison_lines(path: Path = RELEASE_COMPARISON) -> list[str]:
              "Not phantom-study runs: each method's CPU release configuration (docs/release_methods.md) and its "
              "single-FLAIR control, trained with the same budget on the domain-randomised synthesiser, scored on "
              f"the generalisation cases (`benchmarks/generalisation.py`, {results['cases_per_group']} case(s) per "
-             "group, fully automatic, 0.1 ml clean-up; one lesion class, scored as WT). Dice in %; n = cases with "
-             "a lesion. Source: `" + str(path.relative_to(REPO)) + "`.", "",
+             "group, fully automatic, 0.1 ml clean-up; a one-lesion-class model is scored against WT; rows of other "
+             "models on the same cases, where the file has them, for reference). Dice in %; n = cases with a "
+             "lesion. Source: `" + str(path.relative_to(REPO)) + "`.", "",
              "| model | n | WT Dice (all groups) | " + " | ".join(groups) + " |",
              "|---|---|---|" + "---|" * len(groups)]
     for model in models:

@@ -197,7 +197,8 @@ def test_without_torch_the_panel_lists_the_catalogue(monkeypatch):
     monkeypatch.setattr(dependencies, "torchAvailable", lambda: False)
     infos = SegmentationLogic(slicer.vtkMRMLScene()).methods()
     assert [(i.name, i.fromCatalogue, i.promptable) for i in infos] == [("unet2d", True, None),
-                                                                       ("litemedsam", True, None)]
+                                                                       ("litemedsam", True, None),
+                                                                       ("cmaa", True, None)]
     assert infos[1].modalitiesText() == "FLAIR required; T1, T1CE, T2 optional"
     assert infos[0].modalitiesText() == "any of T1, T1CE, T2, FLAIR"
 
@@ -207,6 +208,8 @@ def test_weights_choices_and_devices(case, tmp_path):
     assert [key for key, _ in logic.weightsChoices("unet2d")] == ["catalogue:unet2d-sample-v1", "catalogue:unet2d-synthesis-v2",
                                                              "file"]
     assert [key for key, _ in logic.weightsChoices("dbsam")] == ["none", "file"]
+    cmaa = logic.weightsChoices("cmaa")  # ships experimental weights, and says so
+    assert [key for key, _ in cmaa] == ["catalogue:cmaa-lite128-v1", "file"] and cmaa[0][1].startswith("EXPERIMENTAL: ")
     assert logic.weightsProblem("dbsam") and not logic.weightsProblem("unet2d")
     assert logic.methodInfo("dbsam").weightsProblem == logic.weightsProblem("dbsam")
     assert logic._weightsKey("unet2d", None) == ("catalogue", "unet2d-sample-v1")

@@ -286,7 +286,9 @@ class SegmentationLogic:
         for entry in (self.catalogue.for_method(method) if self.catalogue else []):
             where = {"download": f"download {entry.size_mb:.0f} MB", "package": "installed",
                      "import": "import the file"}[entry.kind]
-            choices.append((f"catalogue:{entry.id}", f"{entry.title} - v{entry.version}, {where}, {entry.licence}"))
+            experimental = "EXPERIMENTAL: " if entry.experimental else ""  # a budget too small for a useful model
+            choices.append((f"catalogue:{entry.id}",
+                            f"{experimental}{entry.title} - v{entry.version}, {where}, {entry.licence}"))
         if not choices:
             choices.append(("none", "no weights ship for this method"))
         choices.append(("file", "weights file..."))

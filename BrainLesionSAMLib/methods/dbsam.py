@@ -117,7 +117,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import MLP, SqueezeExcitation, StochasticDepth
 
-from ..backbones import build_backbone
+from ..backbones import backbone_base, build_backbone
 from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from ..errors import MissingModalityError
 from .base import MethodFacts, register_method
@@ -309,6 +309,8 @@ class DBSAM(BoxPromptedLesionMethod):
         requires_box=True,
     )
     initialisation_keys = ("backbone_weights",)
+    # The CPU release (catalogue dbsam-lite128-v1): a delta on LiteMedSAM, Training/configs/dbsam_release.json.
+    packaged_weights = "dbsam_lite128.safetensors"
     default_config = {
         "backbone": "vit_b",            # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT at 256, or a smaller multiple of 64)
         "backbone_weights": None,       # vit_b: SAM / MedSAM .pth, None = random (tests only);
@@ -407,6 +409,15 @@ class DBSAM(BoxPromptedLesionMethod):
             raise ValueError(f"dbsam: modalities must be one or two different keys of {MODALITIES}, "
                              f"not {modalities!r}")
         return tuple(MODALITIES.index(m) for m in modalities)
+
+    @classmethod
+    def with_base_weights(cls, **config: Any) -> "DBSAM":
+        """The constructor already initialises the backbone from ``backbone_weights`` (the base of our
+        delta checkpoints; every added path starts as a pass-through)."""
+        return cls(**config)
+
+    def base_weights(self) -> tuple[str, str]:
+        return backbone_base(self.config["backbone"], self.config["backbone_weights"], "dbsam")
 
     def train(self, mode: bool = True) -> "DBSAM":
         """As nn.Module.train, but the frozen encoders stay in eval mode."""

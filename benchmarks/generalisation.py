@@ -9,7 +9,10 @@ catalogue id; empty = what ``brainlesionsam segment --method METHOD`` uses witho
 given only MODALITIES (comma-separated; default all four). A model of label set 'lesion' is scored
 on the whole tumour only (its lesion against WT), TC and ET are left out. A method that requires a
 box (DB-SAM) gets the drawn-ROI box: the bounding box of every lesion voxel (as the trainer's
-validation); healthy cases are left out for it (there is nothing to draw a box around).
+validation); healthy cases are left out for it (there is nothing to draw a box around). ``--cascade
+LABEL ...`` also scores those models behind the engine's cascade (the default automatic model picks
+the slices first: what ``brainlesionsam segment --cascade`` costs in Dice); every row records the
+model's seconds for the case.
 
 Test groups (seeds never used in training: training pools use (0, pool, i), validation
 (0, 999999, i); the test uses (TEST_SEED, group, i)):
@@ -152,6 +155,8 @@ def summarise(rows: list[dict]) -> dict:
     out["healthy_ml"] = round(float(np.mean(healthy)), 2) if healthy else None
     ratios = [r["predicted_ml"] / r["true_ml"] for r in rows if r["true_ml"] > 0]
     out["worst_volume_ratio"] = round(float(max(ratios)), 2) if ratios else None
+    times = [r["seconds"] for r in rows if "seconds" in r]
+    out["seconds_per_case"] = round(float(np.mean(times)), 1) if times else None
     return out
 
 
@@ -162,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "generalisation_results.json")
     parser.add_argument("--mirror-tta", nargs="*", default=[], metavar="MODEL",
                         help="also score these models (names of WEIGHTS) with mirror test-time augmentation")
+    parser.add_argument("--cascade", nargs="*", default=[], metavar="MODEL",
+                        help="also score these models (labels of --model) behind the cascade: the default "
+                             "automatic model picks the slices first (issue 22's Dice cost of --cascade)")
     parser.add_argument("--model", action="append", default=[], metavar="LABEL=METHOD[:WEIGHTS[:MODALITIES]]",
                         help="also score this method (see the module docstring); repeatable")
     parser.add_argument("--no-unet2d", action="store_true", help="leave out the unet2d weights of WEIGHTS")
@@ -176,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--model {spec!r}: give LABEL=METHOD[:WEIGHTS[:MODALITIES]]")
         loaded[label] = resolve_method(method_name, weights or None).eval()
         given[label] = tuple(modalities.split(",")) if modalities else MODALITIES
-    if set(args.mirror_tta) - set(loaded):
-        parser.error(f"--mirror-tta: unknown model(s) {sorted(set(args.mirror_tta) - set(loaded))}; "
-                     f"available: {', '.join(loaded)}")
-    # name -> (method, mirror TTA); a TTA variant is the same network run through the engine's mirror_tta
-    models = {name: (method, False) for name, method in loaded.items()}
-    models.update({f"{name} +TTA": (loaded[name], True) for name in args.mirror_tta})
+    for option, chosen in (("--mirror-tta", args.mirror_tta), ("--cascade", args.cascade)):
+        if set(chosen) - set(loaded):
+            parser.error(f"{option}: unknown model(s) {sorted(set(chosen) - set(loaded))}; "
+                         f"available: {', '.join(loaded)}")
+    # name -> (method, run options); a variant is the same network run through the engine's mirror TTA
+    # or behind the cascade
+    models = {name: (method, {}) for name, method in loaded.items()}
+    models.update({f"{name} +TTA": (loaded[name], {"mirror_tta": True}) for name in args.mirror_tta})
+    models.update({f"{name} +cascade": (loaded[name], {"cascade": True}) for name in args.cascade})
     results: dict = {"cases_per_group": args.cases, "groups": {}}
     for group, spec in groups().items():
         if args.groups and group not in args.groups:
@@ -192,17 +203,19 @@ def main(argv: list[str] | None = None) -> int:
             images, labels, info = make_case(group, index, spec)
             truth = sitk.GetArrayFromImage(labels)
             spacing = labels.GetSpacing()[::-1]
-            for name, (method, tta) in models.items():
+            for name, (method, options) in models.items():
                 box = ground_truth_box(truth) if method.facts.requires_box else None
                 if method.facts.requires_box and box is None:
                     continue  # a healthy case: no box to draw, the box workflow does not apply
-                shown = {m: images[m] for m in given[name.removesuffix(" +TTA")]}
+                shown = {m: images[m] for m in given[name.removesuffix(" +TTA").removesuffix(" +cascade")]}
+                started = time.perf_counter()
                 raw = sitk.GetArrayFromImage(segment_images(shown, method, device="cpu", min_component_ml=0,
-                                                            mirror_tta=tta, box=box).result.labels)
+                                                            box=box, **options).result.labels)
+                seconds = round(time.perf_counter() - started, 1)
                 for threshold in THRESHOLDS_ML:
                     prediction = remove_small_components(raw, spacing, threshold)
-                    rows[f"{name} cc>={threshold:g}ml"].append(
-                        {"case": index, **info, **score(prediction, truth, spacing, method.facts.label_set)})
+                    rows[f"{name} cc>={threshold:g}ml"].append({"case": index, **info, "seconds": seconds,
+                                                                **score(prediction, truth, spacing, method.facts.label_set)})
             print(f"{group} case {index} ({info['kind']}) {time.perf_counter() - start:.0f} s: " + "  ".join(
                 f"{name} WT {rows[name][-1].get('WT_dice', float('nan')):.2f}" for name in rows
                 if rows[name] and rows[name][-1]["case"] == index and ("cc>=0ml" in name or "cc>=0.1ml" in name)),

@@ -55,3 +55,46 @@ def test_release_comparison_section_summarises_the_results_file(tmp_path):
     assert "| cmaa | 3 | 80.0 ± 8.2 | 80.0 | 80.0 |" in lines
     assert "| cmaa FLAIR | 3 | 40.0 ± 8.2 | 40.0 | 40.0 |" in lines
     assert study.release_comparison_lines(tmp_path / "missing.json") == []
+
+
+def test_box_methods_get_the_lesion_box_and_skip_healthy_cases(tmp_path, monkeypatch):
+    """A box-requiring method (DB-SAM) is given the drawn-ROI box - the bounding box of every lesion
+    voxel - and is left out on a healthy case; an automatic one gets no box and runs on every case."""
+    import types
+
+    import SimpleITK as sitk
+
+    from BrainLesionSAMLib.engine import Box
+
+    bench = _module("generalisation")
+    truth = _truth()
+    cases = {0: truth, 1: np.zeros_like(truth)}          # a lesion case and a healthy one
+    monkeypatch.setattr(bench, "groups", lambda: {"synth_training": None})
+
+    def make_case(group, index, spec):
+        labels = sitk.GetImageFromArray(cases[index])
+        return {m: labels for m in bench.MODALITIES}, labels, {"kind": "necrotic_rim" if index == 0 else "healthy"}
+
+    calls = []
+
+    def segment_images(images, method, box=None, **options):
+        calls.append((method.facts.name, box))
+        labels = sitk.GetImageFromArray((truth > 0).astype(np.uint8))
+        return types.SimpleNamespace(result=types.SimpleNamespace(labels=labels))
+
+    def fake(name, requires_box):
+        facts = types.SimpleNamespace(name=name, requires_box=requires_box, label_set="lesion")
+        return types.SimpleNamespace(facts=facts, eval=lambda: types.SimpleNamespace(facts=facts))
+
+    methods = {"dbsam": fake("dbsam", True), "cmaa": fake("cmaa", False)}
+    monkeypatch.setattr(bench, "make_case", make_case)
+    monkeypatch.setattr(bench, "segment_images", segment_images)
+    monkeypatch.setattr(bench, "resolve_method", lambda name, weights: methods[name])
+    out = tmp_path / "results.json"
+    assert bench.main(["--no-unet2d", "--cases", "2", "--model", "box=dbsam", "--model", "auto=cmaa",
+                       "--out", str(out)]) == 0
+    # truth: z 2-5, y 4-11, x 4-11 -> Box(x0, y0, z0, x1, y1, z1)
+    assert calls == [("dbsam", Box(4, 4, 2, 11, 11, 5)), ("cmaa", None), ("cmaa", None)]
+    results = json.loads(out.read_text())["groups"]["synth_training"]
+    assert results["box cc>=0.1ml"]["summary"]["cases"] == 1 and results["auto cc>=0.1ml"]["summary"]["cases"] == 2
+    assert results["box cc>=0.1ml"]["summary"]["WT_dice"] == 1.0

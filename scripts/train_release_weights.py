@@ -1,11 +1,12 @@
-"""Re-create a shipped model that brainlesionsam-train makes: the default unet2d (issue 19) and the
-CPU release of CMAA (issue 21).
+"""Re-create a shipped model that brainlesionsam-train makes: the synthesiser-trained unet2d (issue 19)
+and the CPU releases of CMAA, DB-SAM and BrainSegDMIF (issue 21).
 
-    python scripts/train_release_weights.py [--config CONFIG] [--threads N] [--export-only]
+    python scripts/train_release_weights.py [--config CONFIG] [--threads N] [--export-only [--which last]]
 
 CONFIG: ``unet2d_synthesis`` (unet2d-synthesis-v2), ``unet2d_synthesis_v3``, ``cmaa_release``
-(cmaa-lite128-v1) or ``cmaa_release_flair`` (its single-FLAIR control: trained for the comparison in
-docs/phantom_study.md, not shipped).
+(cmaa-lite128-v1), ``cmaa_release_flair`` (its single-FLAIR control: trained for the comparison in
+docs/phantom_study.md, not shipped), ``dbsam_release`` (dbsam-lite128-v1) or ``brainsegdmif_release``
+(brainsegdmif-lite128-v1). ``--which last`` exports a run stopped early (its last checkpoint).
 
 1. Runs ``brainlesionsam-train --config CONFIG`` into ``runs/CONFIG``, its synthetic pools in
    ``runs/cache_CONFIG`` (a cache per run, so two runs can train side by side on the two cores): an
@@ -16,7 +17,7 @@ docs/phantom_study.md, not shipped).
    has the measured costs and the learning curves); ``cmaa_release`` takes about 2 hours on one core
    (docs/release_methods.md).
 2. Exports the run's final weights in the release format to ``BrainLesionSAMLib/weights/`` (file
-   per config in ``TARGETS``; CMAA as a delta on LiteMedSAM's weights) and prints the ``sha256`` and
+   per config in ``TARGETS``; the paper methods as deltas on LiteMedSAM's weights) and prints the ``sha256`` and
    ``size`` its catalogue entry must carry.
 """
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads of the training run (default: the config's train.threads)")
     parser.add_argument("--export-only", action="store_true", help="export the finished run only")
+    parser.add_argument("--which", choices=("final", "last"), default="final",
+                        help="export the run's final weights (default) or, for a run stopped early, its last "
+                             "training checkpoint")
     args = parser.parse_args(argv)
     run_dir, (target, delta) = REPO / "runs" / args.config, TARGETS[args.config]
     if not args.export_only:
@@ -57,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None:
             command.append(f"train.threads={args.threads}")
         subprocess.run(command, check=True, cwd=REPO)
-    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    print(f"{args.config}: {run['steps']} steps, {run['seconds'] / 60:.0f} min, best {run.get('best')}")
+    if args.which == "final":
+        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        print(f"{args.config}: {run['steps']} steps, {run['seconds'] / 60:.0f} min, best {run.get('best')}")
     if target is None:
         return 0
-    entry = export_packaged_weights(run_dir, target, which="final", delta=delta)
+    entry = export_packaged_weights(run_dir, target, which=args.which, delta=delta)
     print(f"wrote {target}")
     print(f"Models.json, entry for {target.name}:", json.dumps({"sha256": entry["sha256"], "size": entry["size"],
                                                                "config": entry["config"]}))

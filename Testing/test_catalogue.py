@@ -80,12 +80,17 @@ def leftovers(folder: Path) -> list[str]:
 def test_shipped_catalogue_matches_the_methods_and_the_files():
     shipped = catalogue.load_catalogue(SHIPPED_CATALOGUE)
     assert shipped.ids() == ["unet2d-sample-v1", "unet2d-synthesis-v2", "litemedsam-v1", "litemedsam-brain-v1",
-                             "cmaa-lite128-v1"]
+                             "cmaa-lite128-v1", "dbsam-lite128-v1", "brainsegdmif-lite128-v1"]
     assert shipped.default_for("litemedsam").id == "litemedsam-brain-v1"
     assert shipped.get("litemedsam-brain-v1").base == "litemedsam-v1"
     cmaa = shipped.default_for("cmaa")
     assert (cmaa.id, cmaa.base, cmaa.experimental) == ("cmaa-lite128-v1", "litemedsam-v1", True)
     assert "128 px" in cmaa.title and cmaa.size < 25e6  # the reductions are in the name; a delta under 25 MB
+    for method in ("dbsam", "brainsegdmif"):  # the other CPU releases, experimental and named alike
+        entry = shipped.default_for(method)
+        assert (entry.base, entry.experimental) == ("litemedsam-v1", True) and "128 px" in entry.title
+    # DB-SAM's 11.2 M trained parameters at float32 are over 25 MB (said in its origin); BrainSegDMIF's delta is not
+    assert shipped.default_for("brainsegdmif").size < 25e6 and "do not fit 25 MB" in shipped.default_for("dbsam").origin
     assert catalogue.check_against_registry(shipped) == []
     for entry in shipped.entries:
         assert entry.url is None and entry.kind == "package"  # no invented download addresses

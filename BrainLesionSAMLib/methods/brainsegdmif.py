@@ -149,6 +149,9 @@ class BrainSegDMIF(SegmentationMethod):
                   "Segmentation, ACM MM 2025",
     )
     initialisation_keys = ("backbone_weights",)
+    # The CPU release (catalogue brainsegdmif-lite128-v1): a delta on LiteMedSAM,
+    # Training/configs/brainsegdmif_release.json.
+    packaged_weights = "brainsegdmif_lite128.safetensors"
     default_config = {
         "backbone": "vit_b",            # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT at 256, or a smaller multiple of 64)
         "backbone_weights": None,       # vit_b: SAM / MedSAM .pth for every stream, None = random;

@@ -198,7 +198,9 @@ def test_without_torch_the_panel_lists_the_catalogue(monkeypatch):
     infos = SegmentationLogic(slicer.vtkMRMLScene()).methods()
     assert [(i.name, i.fromCatalogue, i.promptable) for i in infos] == [("unet2d", True, None),
                                                                        ("litemedsam", True, None),
-                                                                       ("cmaa", True, None)]
+                                                                       ("cmaa", True, None),
+                                                                       ("dbsam", True, None),
+                                                                       ("brainsegdmif", True, None)]
     assert infos[1].modalitiesText() == "FLAIR required; T1, T1CE, T2 optional"
     assert infos[0].modalitiesText() == "any of T1, T1CE, T2, FLAIR"
 

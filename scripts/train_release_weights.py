@@ -14,8 +14,8 @@ docs/phantom_study.md, not shipped), ``dbsam_release`` (dbsam-lite128-v1) or ``b
    so a fresh machine regenerates them). ``unet2d_synthesis`` starts from the phantom-study weights
    (``unet2d_sample.safetensors``, ``scripts/train_sample_weights.py``), about 50-70 minutes on 2 CPU
    cores; ``unet2d_synthesis_v3`` continues from its result on synthesiser v3 (docs/generalisation.md
-   has the measured costs and the learning curves); ``cmaa_release`` takes about 2 hours on one core
-   (docs/release_methods.md).
+   has the measured costs and the learning curves); ``cmaa_release`` takes about 2 hours on one core,
+   ``dbsam_release`` 95 min and ``brainsegdmif_release`` about 2 hours (docs/release_methods.md).
 2. Exports the run's final weights in the release format to ``BrainLesionSAMLib/weights/`` (file
    per config in ``TARGETS``; the paper methods as deltas on LiteMedSAM's weights) and prints the ``sha256`` and
    ``size`` its catalogue entry must carry.

@@ -9,8 +9,9 @@ before it produces nonsense. Third-party ``.pth`` files are read elsewhere with
 **Delta checkpoints** (``save_delta_checkpoint``): a method trained on top of third-party base
 weights with part of them frozen (SOFA and the brain-tuned LiteMedSAM on LiteMedSAM's encoder)
 stores only the tensors that training changed (plus any the method initialises at random, which
-a fresh build would draw anew), and the header's ``base`` names the base file and its sha256. Loading builds the method from its base weights (``with_base_weights``), checks that
-the base the method actually loaded has that sha256 - a different base would silently give another
+a fresh build would draw anew), and the header's ``base`` names the base file and its sha256.
+Loading builds the method from its base weights (``with_base_weights``), checks that the base the
+method actually loaded has that sha256 - a different base would silently give another
 network - and then loads the delta over it. A release file thus stays small (SOFA: 16 MB instead
 of 39 MB) and never redistributes the base.
 """

@@ -24,8 +24,8 @@ Test groups (seeds never used in training: training pools use (0, pool, i), vali
   model: a fixed table, unseen by the synthesiser-trained weights), at 1 and 2 mm.
 
 Every weights file is scored on the same cases with the library's engine (fully automatic, no
-box, except for box-requiring methods), each raw prediction also cleaned by ``BrainLesionSAMLib.postprocessing`` at every threshold
-of THRESHOLDS_ML (the engine itself runs with the clean-up off here). Printed per group and model:
+box, except for box-requiring methods), each raw prediction also cleaned by
+``BrainLesionSAMLib.postprocessing`` at every threshold of THRESHOLDS_ML (the engine itself runs with the clean-up off here). Printed per group and model:
 Dice WT / TC / ET (mean over cases with that region), lesion detection on the whole tumour's
 26-connected components (sensitivity, false-positive lesions per case), labelled volume on healthy
 cases (ml) and the worst predicted / true whole-tumour volume ratio; at the end the same pooled over

@@ -216,3 +216,18 @@ def get_method_class(name: str) -> type[SegmentationMethod]:
 
 def build_method(name: str, config: dict[str, Any] | None = None) -> SegmentationMethod:
     return get_method_class(name)(**(config or {}))
+
+
+class BackboneDeltaBase:
+    """Mixin for methods whose constructor initialises their SAM backbone from ``backbone`` /
+    ``backbone_weights`` (SOFA, CMAA, DB-SAM, BrainSegDMIF): that backbone file is the base of their
+    delta checkpoints, and their added modules start as the constructor makes them."""
+
+    @classmethod
+    def with_base_weights(cls, **config: Any):
+        return cls(**config)
+
+    def base_weights(self) -> tuple[str, str]:
+        from ..backbones import backbone_base
+
+        return backbone_base(self.config["backbone"], self.config["backbone_weights"], self.facts.name)

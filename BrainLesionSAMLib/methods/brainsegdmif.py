@@ -117,10 +117,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import SamBackbone, backbone_base, build_backbone
+from ..backbones import SamBackbone, build_backbone
 from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from ..errors import MissingModalityError
-from .base import MethodFacts, SegmentationMethod, register_method
+from .base import BackboneDeltaBase, MethodFacts, SegmentationMethod, register_method
 from .brainsegdmif_modules import (DECODER_DIM, DynamicModalInteractiveFusion, FocalDiceLoss,
                                    LayerByLayerUpsamplingDecoder, PromptGenerator, fusion_hidden_width)
 
@@ -134,7 +134,7 @@ def _is_meta(tensor: torch.Tensor) -> bool:
 
 
 @register_method
-class BrainSegDMIF(SegmentationMethod):
+class BrainSegDMIF(BackboneDeltaBase, SegmentationMethod):
     facts = MethodFacts(
         name="brainsegdmif",
         title="BrainSegDMIF: dynamic modal interactive fusion SAM (one encoder per modality)",
@@ -274,15 +274,6 @@ class BrainSegDMIF(SegmentationMethod):
 
     def _encoder(self, stream: int) -> SamBackbone:
         return self.encoders[0 if self.config["shared_encoder"] else stream]
-
-    @classmethod
-    def with_base_weights(cls, **config: Any) -> "BrainSegDMIF":
-        """The constructor already initialises every encoder from ``backbone_weights`` (the base of our
-        delta checkpoints)."""
-        return cls(**config)
-
-    def base_weights(self) -> tuple[str, str]:
-        return backbone_base(self.config["backbone"], self.config["backbone_weights"], "brainsegdmif")
 
     def train(self, mode: bool = True) -> "BrainSegDMIF":
         """As nn.Module.train; frozen encoders (``freeze_encoders``) stay in eval mode."""

@@ -77,9 +77,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from ..backbones import backbone_base, build_backbone
+from ..backbones import build_backbone
 from ..conventions import MODALITIES
-from .base import MethodFacts, SegmentationMethod, register_method
+from .base import BackboneDeltaBase, MethodFacts, SegmentationMethod, register_method
 
 # The paper's grouping: MODALITIES indices of the T1-based and T2-based pairs.
 T1_PAIR = (MODALITIES.index("t1"), MODALITIES.index("t1ce"))
@@ -152,7 +152,7 @@ def build_loss(config: dict[str, Any] | None = None) -> CMAALoss:
 
 
 @register_method
-class CMAA(SegmentationMethod):
+class CMAA(BackboneDeltaBase, SegmentationMethod):
     facts = MethodFacts(
         name="cmaa",
         title="CMAA: cross-modality attention adapter (SAM ViT-B or LiteMedSAM)",
@@ -207,15 +207,6 @@ class CMAA(SegmentationMethod):
         for frozen in (self.backbone.image_encoder, self.backbone.prompt_encoder):
             frozen.requires_grad_(False)
         self.loss_function = build_loss(self.config)
-
-    @classmethod
-    def with_base_weights(cls, **config: Any) -> "CMAA":
-        """The constructor already initialises the backbone from ``backbone_weights`` (the base of our
-        delta checkpoints; the adapters start at zero, the input convs as the pair's mean)."""
-        return cls(**config)
-
-    def base_weights(self) -> tuple[str, str]:
-        return backbone_base(self.config["backbone"], self.config["backbone_weights"], "cmaa")
 
     def train(self, mode: bool = True) -> "CMAA":
         """As nn.Module.train, but the frozen encoders stay in eval mode."""

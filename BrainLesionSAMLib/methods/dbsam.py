@@ -117,10 +117,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import MLP, SqueezeExcitation, StochasticDepth
 
-from ..backbones import backbone_base, build_backbone
+from ..backbones import build_backbone
 from ..conventions import MODALITIES, MODALITY_DISPLAY_NAMES
 from ..errors import MissingModalityError
-from .base import MethodFacts, register_method
+from .base import BackboneDeltaBase, MethodFacts, register_method
 from .boxprompt import BoxPromptedLesionMethod
 from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
 
@@ -293,7 +293,7 @@ def boxes_from_masks(masks: torch.Tensor, jitter: Sequence[int] = (0, 20), empty
 
 
 @register_method
-class DBSAM(BoxPromptedLesionMethod):
+class DBSAM(BackboneDeltaBase, BoxPromptedLesionMethod):
     facts = MethodFacts(
         name="dbsam",
         title="DB-SAM: dual-branch adapted SAM (box prompt; SAM ViT-B or LiteMedSAM)",
@@ -409,15 +409,6 @@ class DBSAM(BoxPromptedLesionMethod):
             raise ValueError(f"dbsam: modalities must be one or two different keys of {MODALITIES}, "
                              f"not {modalities!r}")
         return tuple(MODALITIES.index(m) for m in modalities)
-
-    @classmethod
-    def with_base_weights(cls, **config: Any) -> "DBSAM":
-        """The constructor already initialises the backbone from ``backbone_weights`` (the base of our
-        delta checkpoints; every added path starts as a pass-through)."""
-        return cls(**config)
-
-    def base_weights(self) -> tuple[str, str]:
-        return backbone_base(self.config["backbone"], self.config["backbone_weights"], "dbsam")
 
     def train(self, mode: bool = True) -> "DBSAM":
         """As nn.Module.train, but the frozen encoders stay in eval mode."""

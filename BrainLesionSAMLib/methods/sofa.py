@@ -128,9 +128,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import backbone_base, build_backbone
+from ..backbones import build_backbone
 from ..conventions import MODALITIES
-from .base import MethodFacts, SegmentationMethod, register_method
+from .base import BackboneDeltaBase, MethodFacts, SegmentationMethod, register_method
 
 # Sub-regions in the order of the 'brats' label set's classes 1, 2, 3 (labels 1, 2, 4).
 REGIONS: tuple[str, ...] = ("necrotic core", "edema", "enhancing tumour")
@@ -262,7 +262,7 @@ class TwoPassResult:
 
 
 @register_method
-class SOFA(SegmentationMethod):
+class SOFA(BackboneDeltaBase, SegmentationMethod):
     facts = MethodFacts(
         name="sofa",
         title="SOFA: sub-region-aware modality attention + adaptive prompting (LiteMedSAM)",
@@ -338,15 +338,6 @@ class SOFA(SegmentationMethod):
         if self.config["freeze_image_encoder"]:
             self.backbone.image_encoder.eval()
         return self
-
-    @classmethod
-    def with_base_weights(cls, **config: Any) -> "SOFA":
-        """The constructor already initialises the backbone from ``backbone_weights`` (the base of
-        our delta checkpoints; the attention and sub-region prompts start at zero)."""
-        return cls(**config)
-
-    def base_weights(self) -> tuple[str, str]:
-        return backbone_base(self.config["backbone"], self.config["backbone_weights"], "sofa")
 
     @classmethod
     def pretrained(cls, weights=None, **config: Any) -> None:

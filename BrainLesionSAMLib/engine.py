@@ -49,7 +49,7 @@ from .backbones.openvino_encoder import OpenVINOEncoder, resolve_encoder_runtime
 from .errors import BoxRequiredError, BrainLesionSAMError, CancelledError, GeometryError
 from .methods import SegmentationMethod
 from .postprocessing import DEFAULT_MIN_COMPONENT_ML, remove_small_components
-from .preprocessing import PreparedCase
+from .preprocessing import PreparedCase, resize_volume, working_shape
 from .uncertainty import disagreement, mirror_axis, mirror_network_box
 
 CASCADE_MARGIN_SLICES = 2  # slices beyond the cascade model's lesion extent (its edges are the least sure)
@@ -410,14 +410,18 @@ class InferenceEngine:
 
     def _segment_patches(self, case: PreparedCase, progress: ProgressCallback,
                          cancel: CancelCheck, mirror: int | None = None) -> tuple[np.ndarray, ...]:
-        """3D methods: MONAI sliding-window inference with Gaussian weighting on the reference grid.
-        With ``mirror`` (the array axis to mirror) each patch is also run flipped along it and the
-        flipped-back prediction aggregated as K more channels: the same windows and weights for both
-        passes (the aggregation is linear), so the two are split from one output."""
+        """3D methods: MONAI sliding-window inference with Gaussian weighting on the reference grid, or
+        on the method's working grid (``facts.working_spacing_mm``: the case resized to that voxel size,
+        the probabilities resized back). With ``mirror`` (the array axis to mirror) each patch is also
+        run flipped along it and the flipped-back prediction aggregated as K more channels: the same
+        windows and weights for both passes (the aggregation is linear), so the two are split from one
+        output."""
         from monai.inferers import sliding_window_inference
 
         facts = self.method.facts
         volume = torch.as_tensor(case.images[None], device=self.device)
+        if facts.working_spacing_mm is not None:
+            volume = resize_volume(volume, working_shape(case.shape_zyx, case.spacing_zyx, facts.working_spacing_mm))
         available = torch.as_tensor(case.available[None], device=self.device)
 
         def predictor(patches: torch.Tensor) -> torch.Tensor:
@@ -432,10 +436,10 @@ class InferenceEngine:
                 mirrored = self.method.predict_proba(patches.flip(flip), patch_available).float().flip(flip)
             return torch.cat([plain, mirrored], dim=1)
 
-        progress(0.0, f"{facts.name}: sliding window over {case.shape_zyx}")
+        progress(0.0, f"{facts.name}: sliding window over {tuple(volume.shape[-3:])}")
         output = sliding_window_inference(
             volume, roi_size=facts.input_size, sw_batch_size=self.batch_size, predictor=predictor,
             overlap=self.overlap, mode="gaussian", progress=False)
         progress(0.95, f"{facts.name}: patches done")
-        output = output[0].cpu().numpy().astype(np.float32)
+        output = resize_volume(output, case.shape_zyx)[0].cpu().numpy().astype(np.float32)
         return (output,) if mirror is None else (output[:len(facts.labels)], output[len(facts.labels):])

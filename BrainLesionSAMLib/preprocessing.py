@@ -10,7 +10,9 @@ Steps (BrainSegDMIF section 4.2, SOFA's preprocessing):
    to [0, 255]; voxels outside the brain stay 0;
 4. 2D methods: axial slices (array index z of SimpleITK's [z, y, x]) mapped to 256 x 256 by
    :class:`SliceGeometry` (zero padding when smaller, bilinear resize preserving the aspect ratio
-   when larger); 3D methods use the [z, y, x] volume on the reference grid directly (patches).
+   when larger); 3D methods use the [z, y, x] volume on the reference grid directly (patches), or
+   resized to their working voxel size (:func:`resize_volume`, ``MethodFacts.working_spacing_mm``)
+   and their probabilities resized back.
 
 The inverse (:meth:`SliceGeometry.from_network`, :meth:`PreparedCase.to_reference_image`) maps
 predictions back onto the reference grid voxel for voxel: the output has exactly the reference's
@@ -120,6 +122,24 @@ class SliceGeometry:
         top, left = self.padding
         s = self.scale
         return (x0 * s + left, y0 * s + top, (x1 + 1) * s + left, (y1 + 1) * s + top)
+
+
+def working_shape(shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...], spacing_mm: float
+                  ) -> tuple[int, int, int]:
+    """The [z, y, x] shape that covers the field of view of a ``shape_zyx`` grid of ``spacing_zyx`` mm
+    with isotropic ``spacing_mm`` voxels (a 3D method's working grid, ``MethodFacts.working_spacing_mm``)."""
+    return tuple(max(1, int(round(n * s / spacing_mm))) for n, s in zip(shape_zyx, spacing_zyx))
+
+
+def resize_volume(volume: torch.Tensor, shape_zyx: tuple[int, ...], nearest: bool = False) -> torch.Tensor:
+    """[B, C, Z, Y, X] resized to ``shape_zyx`` over the same field of view (voxel centres, not
+    corners, aligned): trilinear for images and probabilities - halving the grid is then the mean of
+    every 2 x 2 x 2 block, and probabilities still sum to 1 -, nearest for label maps."""
+    if tuple(volume.shape[-3:]) == tuple(shape_zyx):
+        return volume
+    if nearest:
+        return F.interpolate(volume, size=tuple(shape_zyx), mode="nearest-exact")
+    return F.interpolate(volume, size=tuple(shape_zyx), mode="trilinear", align_corners=False)
 
 
 def choose_reference(available: list[str] | tuple[str, ...]) -> str:

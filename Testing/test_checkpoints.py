@@ -30,6 +30,36 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_float16_storage_halves_the_file_and_loads_the_rounded_weights_into_float32(tmp_path):
+    """Half-precision storage: float32 tensors on disk as float16, the file about half the size, the
+    loaded network float32 with every weight equal to its float16 rounding and outputs within
+    float16's rounding of the original's; a tensor float16 cannot hold stays float32."""
+    from BrainLesionSAMLib.checkpoints import half_precision
+
+    torch.manual_seed(3)
+    model = build_method("unet2d", {"channels": (8, 16, 32), "strides": (2, 2)}).eval()
+    full = save_checkpoint(model, tmp_path / "fp32.safetensors")
+    half = save_checkpoint(model, tmp_path / "fp16.safetensors", storage="float16")
+    assert read_header(half)["storage"] == "float16" and "storage" not in read_header(full)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    stored, _ = load_checkpoint(half)
+    assert {v.dtype for k, v in stored.items() if model.state_dict()[k].dtype == torch.float32} == {torch.float16}
+    loaded = load_method("unet2d", half)
+    for key, value in model.state_dict().items():
+        got = loaded.state_dict()[key]
+        assert got.dtype == value.dtype
+        assert torch.equal(got, value.to(torch.float16).to(value.dtype) if value.is_floating_point() else value)
+    x = torch.rand(2, 4, 64, 64) * 255
+    a = torch.ones(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        assert (model.predict_proba(x, a) - loaded.predict_proba(x, a)).abs().max() < 0.02
+    kept = half_precision({"big": torch.tensor([1e6, 1.0]), "small": torch.tensor([0.1]),
+                           "count": torch.tensor(3)})
+    assert (kept["big"].dtype, kept["small"].dtype, kept["count"].dtype) == (torch.float32, torch.float16, torch.int64)
+    with pytest.raises(ValueError, match="storage"):
+        save_checkpoint(model, tmp_path / "x.safetensors", storage="int8")
+
+
 def test_weights_for_another_method_are_refused(tmp_path):
     model = build_method("unet2d")
     path = save_checkpoint(model, tmp_path / "m.safetensors")

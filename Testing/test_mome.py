@@ -394,6 +394,39 @@ def test_full_2mm_case_through_the_engine_on_cpu(case_images):
     print(f"mome small config, 2 mm case, 2 modalities: {result.timings['network_s']:.1f} s network time")
 
 
+def test_a_working_voxel_size_runs_the_network_on_the_resized_case(case_images, monkeypatch):
+    """``working_spacing_mm`` (the CPU release works at 2 mm): the engine hands the sliding window
+    the case resized to that voxel size (here 4 mm over the 2 mm case: every 2 x 2 x 2 block's mean,
+    numpy's reshape-mean as the reference) and returns labels and probabilities on the case's own
+    grid."""
+    import monai.inferers
+
+    case = prepare_case({m: case_images[m] for m in ("flair",)})
+    torch.manual_seed(0)
+    method = build_method("mome", {**SMALL, "experts": ("flair",), "patch_size": (32, 32, 32),
+                                   "working_spacing_mm": 4.0})
+    assert method.facts.working_spacing_mm == 4.0 and method.facts.input_size == (32, 32, 32)
+    seen = []
+    original = monai.inferers.sliding_window_inference
+
+    def spy(inputs, *args, **kwargs):
+        seen.append(inputs.clone())
+        return original(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(monai.inferers, "sliding_window_inference", spy)
+    result = InferenceEngine(method, device="cpu", batch_size=4).segment(case, return_probabilities=True)
+    volume, = seen
+    assert volume.shape == (1, 4, 39, 60, 60)
+    blocks = case.images.reshape(4, 39, 2, 60, 2, 60, 2).mean(axis=(2, 4, 6))
+    np.testing.assert_allclose(volume[0].numpy(), blocks, atol=1e-3)
+    assert result.labels.GetSize() == case.reference.GetSize() and result.labels.GetSpacing() == (2.0, 2.0, 2.0)
+    probabilities = sitk.GetArrayFromImage(result.probabilities)
+    assert probabilities.shape == (78, 120, 120, 2)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="working_spacing_mm"):
+        build_method("mome", {**SMALL, "working_spacing_mm": 0})
+
+
 def test_mome_stage2_starts_from_experts(tmp_path):
     """The paper's two stages as two runs: stage 1 (mome_experts_smoke: each sample trains its own
     modality's expert), then stage 2 (mome_smoke, the curriculum) with init_from = stage 1's run.

@@ -138,3 +138,26 @@ def test_a_file_that_is_not_an_image(tmp_path):
     path.write_text("not an image")
     with pytest.raises(InputImageError, match="not a readable image"):
         prepare_case({"t1": path})
+
+
+def test_a_working_grid_halves_by_block_means_and_keeps_probabilities_summing_to_one():
+    """A 3D method's working grid (``working_spacing_mm``): 2 mm over a 1 mm grid is every 2 x 2 x 2
+    block's mean (numpy's reshape-mean as the reference), back up is trilinear, and class
+    probabilities resized either way still sum to 1; labels resize by nearest neighbour."""
+    from BrainLesionSAMLib.preprocessing import resize_volume, working_shape
+
+    assert working_shape((155, 240, 240), (1.0, 1.0, 1.0), 2.0) == (78, 120, 120)
+    assert working_shape((40, 100, 100), (3.0, 0.9, 0.9), 2.0) == (60, 45, 45)
+    rng = np.random.default_rng(0)
+    volume = rng.random((1, 2, 8, 12, 16)).astype(np.float32)
+    halved = resize_volume(torch.from_numpy(volume), (4, 6, 8)).numpy()
+    blocks = volume.reshape(1, 2, 4, 2, 6, 2, 8, 2).mean(axis=(3, 5, 7))
+    np.testing.assert_allclose(halved, blocks, atol=1e-6)
+    probabilities = torch.softmax(torch.from_numpy(rng.normal(size=(1, 3, 5, 7, 9)).astype(np.float32)), dim=1)
+    for shape in ((10, 14, 18), (3, 4, 5)):
+        np.testing.assert_allclose(resize_volume(probabilities, shape).sum(1).numpy(), 1.0, atol=1e-5)
+    labels = torch.zeros(1, 1, 4, 4, 4)
+    labels[..., 2:, :, :] = 3
+    assert resize_volume(labels, (8, 8, 8), nearest=True)[0, 0, 4:].eq(3).all()
+    assert resize_volume(labels, (8, 8, 8), nearest=True)[0, 0, :4].eq(0).all()
+    assert resize_volume(labels, (4, 4, 4)) is labels

@@ -250,6 +250,31 @@ def test_samples_follow_the_training_contract(cases, monkeypatch):
     assert all(sample["images"][i].abs().sum() == 0 for i in range(4) if i != sample["modality"])
 
 
+def test_3d_patches_at_a_working_voxel_size_cover_its_field_of_view(cases):
+    """A 3D method with ``working_spacing_mm`` trains on what the engine will show it: a patch of 8^3
+    working voxels at 4 mm over the 2 mm cases is a 16^3 crop of the case, block-mean resized (the
+    crop is found among the lesion-centred ones and compared with numpy's reshape-mean), its labels
+    the crop's nearest voxels."""
+    import dataclasses
+
+    _, cache = cases
+    case_ids = [p.name for p in sorted(cache.iterdir()) if p.is_dir()][:1]
+    data, augmentation = _data_config(cache, foreground_probability=1.0)
+    facts = dataclasses.replace(get_method_class("mome").facts, input_size=(8, 8, 8), working_spacing_mm=4.0)
+    dataset = TrainingSamples(cache, case_ids, facts, data, augmentation)
+    case = dataset.cases[0]
+    assert case.spacing_zyx == (2.0, 2.0, 2.0)
+    sample = dataset[(0, 11)]
+    assert sample["images"].shape == (4, 8, 8, 8) and sample["target"].shape == (8, 8, 8) and sample["target"].any()
+    images, labels = np.asarray(case.images, dtype=np.float32), np.asarray(case.labels)
+    matches = []
+    for centre in case.foreground:
+        crop = crop_patch(images, centre, (16, 16, 16))
+        if np.allclose(crop.reshape(4, 8, 2, 8, 2, 8, 2).mean(axis=(2, 4, 6)), sample["images"].numpy(), atol=1e-3):
+            matches.append(crop_patch(labels, centre, (16, 16, 16))[1::2, 1::2, 1::2])
+    assert matches and any(np.array_equal(m > 0, sample["target"].numpy() > 0) for m in matches)
+
+
 def test_boxes_and_patches():
     rng = np.random.default_rng(0)
     mask = np.zeros((20, 30), bool)

@@ -55,7 +55,7 @@ def estimated_gpu_memory_gb(path: Path) -> float:
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
                model_id: str | None = None, url: str = "", licence: str = "", version: str = "1",
                gpu_memory_gb: float | None = None, title: str | None = None,
-               training_data: str | None = None, delta: bool = False) -> dict[str, Any]:
+               training_data: str | None = None, delta: bool = False, storage: str = "float32") -> dict[str, Any]:
     """Write ``out`` (release checkpoint) from a run's ``best`` / ``final`` weights or its ``last``
     training checkpoint, and ``<out>.catalogue.json``; returns the catalogue entry, checked by
     ``BrainLesionSAMLib.catalogue.ModelEntry.from_dict`` (the catalogue's own validation).
@@ -64,7 +64,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
     run's own description of its data (which names the data folder on the training machine).
     ``delta``: write only the tensors training changed on the method's third-party base weights
     (``save_delta_checkpoint``; e.g. CMAA on a frozen LiteMedSAM); the file's header names the base
-    and its sha256, and a catalogue entry for it needs ``base`` (the base's entry id).
+    and its sha256, and a catalogue entry for it needs ``base`` (the base's entry id). ``storage``
+    'float16' halves the file (``BrainLesionSAMLib.checkpoints``: half-precision storage).
     """
     from BrainLesionSAMLib.catalogue import ModelEntry
 
@@ -98,9 +99,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
         raise ExportError(f"the weights of {run_dir} do not fit method '{name}' as configured: {error}") from None
     extra = {"training_config": config["name"], "training_steps": steps, "exported_from": which}
     if delta:
-        save_delta_checkpoint(model, out, training_data=training, extra=extra)
+        save_delta_checkpoint(model, out, training_data=training, extra=extra, storage=storage)
     else:
-        save_checkpoint(model, out, training_data=training, extra=extra)
+        save_checkpoint(model, out, training_data=training, extra=extra, storage=storage)
     header = read_header(out)
     # Only what differs from the method's defaults: the catalogue compares it with the loaded model.
     defaults = _json(cls.default_config)
@@ -132,13 +133,15 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = 
 
 
 def export_packaged_weights(run_dir: str | os.PathLike, target: str | os.PathLike, which: str = "final",
-                            training_data: str | None = None, delta: bool = False) -> dict[str, Any]:
+                            training_data: str | None = None, delta: bool = False, storage: str = "float32"
+                            ) -> dict[str, Any]:
     """Export a run's weights as a file shipped inside the package (``BrainLesionSAMLib/weights/``):
     only the release checkpoint lands at ``target`` (its catalogue entry is the catalogue's, not a
     ``.catalogue.json`` beside it); returns the entry, whose sha256 and size the catalogue must carry."""
     target = Path(target)
     with tempfile.TemporaryDirectory() as folder:
         exported = Path(folder) / target.name
-        entry = export_run(run_dir, exported, which=which, training_data=training_data, delta=delta)
+        entry = export_run(run_dir, exported, which=which, training_data=training_data, delta=delta,
+                           storage=storage)
         shutil.copyfile(exported, target)
     return entry

@@ -16,7 +16,9 @@ from the cases of its split set.
 
 3D: an item is a case; a sample is a patch of the method's ``input_size`` around a random lesion
 voxel (probability ``foreground_probability``, nnU-Net's oversampling) or a random voxel, zero-padded
-where it leaves the volume.
+where it leaves the volume. A method with a working voxel size (``working_spacing_mm``) gets the patch
+of that many working voxels' field of view, resized to ``input_size`` (labels nearest), as the engine
+resizes whole cases.
 
 Sampler: :class:`BalancedDistributedSampler` is a ``DistributedSampler`` whose epoch is the
 balanced selection above, drawn from (seed, epoch) alone, shuffled, padded to a multiple of the
@@ -36,7 +38,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from BrainLesionSAMLib.conventions import MODALITIES
 from BrainLesionSAMLib.methods import MethodFacts
-from BrainLesionSAMLib.preprocessing import SliceGeometry
+from BrainLesionSAMLib.preprocessing import SliceGeometry, resize_volume
 
 from .augmentation import augment, build_augmentation
 from .cache import CachedCase, classes_for
@@ -170,13 +172,20 @@ class TrainingSamples(Dataset):
             target = geometry.to_network(classes[None], nearest=True)[0]
         else:
             size = tuple(int(s) for s in self.facts.input_size)
+            # With a working voxel size, the patch covers size x working spacing mm of the case's own
+            # grid and is resized to ``size``, as the engine resizes a whole case.
+            spacing = self.facts.working_spacing_mm
+            native = size if spacing is None else \
+                tuple(max(1, int(round(n * spacing / s))) for n, s in zip(size, case.spacing_zyx))
             foreground = case.foreground
             if len(foreground) and rng.random() < self.data["foreground_probability"]:
                 centre = foreground[int(rng.integers(len(foreground)))]
             else:
                 centre = np.array([int(rng.integers(n)) for n in case.meta["shape_zyx"]])
-            image = torch.from_numpy(crop_patch(case.images, centre, size).astype(np.float32))
-            labels = crop_patch(case.labels, centre, size)
+            image = torch.from_numpy(crop_patch(case.images, centre, native).astype(np.float32))
+            labels = torch.from_numpy(crop_patch(case.labels, centre, native).astype(np.float32))
+            image = resize_volume(image[None], size)[0]
+            labels = resize_volume(labels[None, None], size, nearest=True)[0, 0].numpy().astype(np.uint8)
             target = torch.from_numpy(classes_for(labels, case.meta["label_set"], self.facts.label_set))
         available, modality = self._modalities(case, rng)
         image = image * torch.from_numpy(available.astype(np.float32)).view(-1, *([1] * self.spatial_dims))

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--delta", action="store_true",
                         help="store only the tensors training changed on the method's third-party base weights "
                              "(e.g. CMAA or SOFA on LiteMedSAM); the base is checked by sha256 on load")
+    export.add_argument("--fp16", action="store_true",
+                        help="store the weights as float16 (half the file; loading restores float32 networks)")
     return parser
 
 
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.out.exists():
                 raise BrainLesionSAMError(f"{args.out} already exists; choose another --out")
             entry = export_run(args.export, args.out, args.which, args.model_id, args.url, args.licence,
-                               args.version, args.gpu_memory_gb, args.title, delta=args.delta)
+                               args.version, args.gpu_memory_gb, args.title, delta=args.delta,
+                               storage="float16" if args.fp16 else "float32")
             print(json.dumps(entry, indent=1))
             print(f"wrote {args.out} and {args.out}.catalogue.json")
             return 0

@@ -34,13 +34,15 @@ sys.path.insert(0, str(REPO))
 from Training.export import export_packaged_weights  # noqa: E402
 
 WEIGHTS = REPO / "BrainLesionSAMLib" / "weights"
-# config -> (release file or None for a control run that is not shipped, delta on third-party base weights)
-TARGETS = {"unet2d_synthesis": (WEIGHTS / "unet2d_synthesis.safetensors", False),         # unet2d-synthesis-v2
-           "unet2d_synthesis_v3": (WEIGHTS / "unet2d_synthesis_v3.safetensors", False),   # unet2d-synthesis-v3
-           "cmaa_release": (WEIGHTS / "cmaa_lite128.safetensors", True),                  # cmaa-lite128-v1
-           "cmaa_release_flair": (None, True),
-           "dbsam_release": (WEIGHTS / "dbsam_lite128.safetensors", True),                # dbsam-lite128-v1
-           "brainsegdmif_release": (WEIGHTS / "brainsegdmif_lite128.safetensors", True)}  # brainsegdmif-lite128-v1
+# config -> (release file or None for a control run that is not shipped, delta on third-party base weights,
+#            storage: float16 where float32 would exceed the ~25 MB a release file may take)
+TARGETS = {"unet2d_synthesis": (WEIGHTS / "unet2d_synthesis.safetensors", False, "float32"),        # unet2d-synthesis-v2
+           "unet2d_synthesis_v3": (WEIGHTS / "unet2d_synthesis_v3.safetensors", False, "float32"),  # unet2d-synthesis-v3
+           "cmaa_release": (WEIGHTS / "cmaa_lite128.safetensors", True, "float32"),                 # cmaa-lite128-v1
+           "cmaa_release_flair": (None, True, "float32"),
+           "dbsam_release": (WEIGHTS / "dbsam_lite128.safetensors", True, "float16"),               # dbsam-lite128-v2
+           "brainsegdmif_release": (WEIGHTS / "brainsegdmif_lite128.safetensors", True, "float32"), # brainsegdmif-lite128-v1
+           "mome_release": (WEIGHTS / "mome_2mm.safetensors", False, "float16")}                    # mome-2mm-v1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="export the run's final weights (default) or, for a run stopped early, its last "
                              "training checkpoint")
     args = parser.parse_args(argv)
-    run_dir, (target, delta) = REPO / "runs" / args.config, TARGETS[args.config]
+    run_dir, (target, delta, storage) = REPO / "runs" / args.config, TARGETS[args.config]
     if not args.export_only:
         command = [sys.executable, "-m", "Training.train", "--config", args.config,
                    f"output.dir={json.dumps(str(run_dir))}",
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: {run['steps']} steps, {run['seconds'] / 60:.0f} min, best {run.get('best')}")
     if target is None:
         return 0
-    entry = export_packaged_weights(run_dir, target, which=args.which, delta=delta)
+    entry = export_packaged_weights(run_dir, target, which=args.which, delta=delta, storage=storage)
     print(f"wrote {target}")
     print(f"Models.json, entry for {target.name}:", json.dumps({"sha256": entry["sha256"], "size": entry["size"],
                                                                "config": entry["config"]}))

@@ -56,6 +56,9 @@ class MethodFacts:
     # Measured safe in bfloat16 autocast on a CPU with native bf16 (>= 1.2x faster, Dice within 0.002
     # of fp32; docs/benchmarks.md "CPU precision"): the engine's precision 'auto' uses it there.
     cpu_bf16: bool = False
+    # 3D methods: the isotropic voxel size (mm) the network was trained at; the engine resizes a case to
+    # it before the sliding window and the probabilities back (None: the input's own grid).
+    working_spacing_mm: float | None = None
 
     def __post_init__(self):
         if not set(self.modalities) <= set(MODALITIES) or not self.modalities:
@@ -66,6 +69,8 @@ class MethodFacts:
             raise ValueError(f"{self.name}: spatial_dims must be 2 or 3 and match input_size")
         if self.requires_box and not self.promptable:
             raise ValueError(f"{self.name}: a method that requires a box must be promptable")
+        if self.working_spacing_mm is not None and (self.spatial_dims != 3 or not self.working_spacing_mm > 0):
+            raise ValueError(f"{self.name}: working_spacing_mm is a positive voxel size, for 3D methods only")
         if self.label_set not in LABEL_SETS:
             raise ValueError(f"{self.name}: unknown label set {self.label_set!r}")
 

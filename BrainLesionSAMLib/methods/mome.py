@@ -62,7 +62,11 @@ Where this implementation differs, and why:
   the same way: each available modality of a sample becomes one single-modality sample with its
   matching expert (the paper counts every modality of a case as one image).
 - Inference goes through the library's engine (MONAI sliding window, Gaussian weighting, overlap
-  0.5, mixed precision on CUDA); there is no mirroring test-time augmentation.
+  0.5, mixed precision on CUDA); mirroring is the engine's optional test-time augmentation.
+  ``working_spacing_mm`` (default None: the input's grid, as the paper's 1 mm MNI data) runs the
+  network on the case resized to that isotropic voxel size, and trains on patches resized the same
+  way: the CPU release (``Training/configs/mome_release.json``) works at 2 mm, where a 64^3 patch
+  sees 128 mm of brain and a case is an eighth of the voxels.
   ``inference_batch`` bounds how many single-modality patches go through the six networks at once
   (nnU-Net: one), since one 128^3 patch needs about 4 GB of activations on the CPU.
 - Expert pre-training (``training_stage='experts'``): the loss is ``L_expert`` only, each sample
@@ -309,6 +313,8 @@ class MoME(SegmentationMethod):
         "gate_activation": "none",              # authors' code: none; or 'softmax' / 'sigmoid'
         "combine": "mean",                      # several input modalities: 'mean' | 'max'
         "inference_batch": 1,                   # single-modality patches per network pass
+        "working_spacing_mm": None,             # None: the input's grid (paper: MNI 1 mm); e.g. 2.0: the
+                                                # engine and the trainer resize cases to 2 mm voxels
         "training_stage": "mome",               # 'experts': pre-train each expert on its modality
         "dice_batch": False,                    # nnU-Net 3d_fullres: per-sample Dice
         "optimizer": "sgd",
@@ -378,8 +384,13 @@ class MoME(SegmentationMethod):
 
         self.expert_names: tuple[str, ...] = tuple(experts)
         self.deep_supervision_weights: tuple[float, ...] = tuple(float(w) for w in weights)
-        if patch_size != type(self).facts.input_size:
-            self.facts = dataclasses.replace(type(self).facts, input_size=patch_size)
+        spacing = config["working_spacing_mm"]
+        if spacing is not None and (isinstance(spacing, bool) or not isinstance(spacing, (int, float))
+                                    or not 0.5 <= spacing <= 4.0):
+            raise ValueError(f"mome: working_spacing_mm must be None or a voxel size of 0.5-4 mm, not {spacing!r}")
+        if patch_size != type(self).facts.input_size or spacing is not None:
+            self.facts = dataclasses.replace(type(self).facts, input_size=patch_size,
+                                             working_spacing_mm=None if spacing is None else float(spacing))
         self.network = MixtureOfModalityExperts(len(experts), len(self.facts.labels), filters, kernel_sizes,
                                                 strides, heads, config["gate_activation"])
         dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True,

@@ -3,7 +3,9 @@
 It batches axial slices (2D methods) or runs MONAI's sliding-window inference over patches
 (3D methods), skips slices without brain, picks the device (CUDA when present, else CPU) and the
 precision (below), reports progress as (fraction, message), stops cooperatively between
-batches when asked, and maps the prediction back onto the reference grid voxel for voxel.
+batches when asked, and maps the prediction back onto the reference grid voxel for voxel. A 3D
+method with a working voxel size (``MethodFacts.working_spacing_mm``, e.g. MoME's CPU release at
+2 mm) gets the case resized to it and its probabilities resized back before the argmax.
 
 Precision (``precision``: 'fp32', 'bf16' or 'auto'). 'auto' is autocast on CUDA (bfloat16 where
 supported, else float16) and on the CPU bfloat16 autocast only where both hold: the CPU computes

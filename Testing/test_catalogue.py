@@ -80,7 +80,7 @@ def leftovers(folder: Path) -> list[str]:
 def test_shipped_catalogue_matches_the_methods_and_the_files():
     shipped = catalogue.load_catalogue(SHIPPED_CATALOGUE)
     assert shipped.ids() == ["unet2d-sample-v1", "unet2d-synthesis-v2", "litemedsam-v1", "litemedsam-brain-v1",
-                             "cmaa-lite128-v1", "dbsam-lite128-v1", "brainsegdmif-lite128-v1"]
+                             "cmaa-lite128-v1", "dbsam-lite128-v2", "brainsegdmif-lite128-v1"]
     assert shipped.default_for("litemedsam").id == "litemedsam-brain-v1"
     assert shipped.get("litemedsam-brain-v1").base == "litemedsam-v1"
     cmaa = shipped.default_for("cmaa")

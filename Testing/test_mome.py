@@ -394,6 +394,27 @@ def test_full_2mm_case_through_the_engine_on_cpu(case_images):
     print(f"mome small config, 2 mm case, 2 modalities: {result.timings['network_s']:.1f} s network time")
 
 
+def test_matched_expert_prediction_is_the_inputs_own_expert_alone(model):
+    """``prediction='matched_expert'`` (the experts-against-mixture ablation): the same weights give
+    the softmax of the FLAIR expert's full-resolution logits on a FLAIR input, of the T1 expert's on
+    a T1 input, instead of the gated fusion."""
+    ablation = MoME(**{**SMALL, "prediction": "matched_expert"}).eval()
+    ablation.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    images = torch.rand(2, 4, P, P, P) * 255
+    available = torch.tensor([[False, False, False, True], [True, False, False, False]])
+    with torch.no_grad():
+        got = ablation.predict_proba(images, available)
+        x = MoME.scale_input(torch.stack([images[0, FLAIR], images[1, T1]])[:, None])
+        flair = torch.softmax(model.network.experts[model.expert_index("flair")](x[:1])[1][0], dim=1)
+        t1 = torch.softmax(model.network.experts[model.expert_index("t1")](x[1:])[1][0], dim=1)
+        fused = model.predict_proba(images, available)
+    torch.testing.assert_close(got, torch.cat([flair, t1]), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, fused, atol=1e-3)
+    with pytest.raises(ValueError, match="prediction"):
+        MoME(**{**SMALL, "prediction": "gate"})
+
+
 def test_a_working_voxel_size_runs_the_network_on_the_resized_case(case_images, monkeypatch):
     """``working_spacing_mm`` (the CPU release works at 2 mm): the engine hands the sliding window
     the case resized to that voxel size (here 4 mm over the 2 mm case: every 2 x 2 x 2 block's mean,

@@ -209,11 +209,11 @@ def test_weights_choices_and_devices(case, tmp_path):
     logic = case["logic"]
     assert [key for key, _ in logic.weightsChoices("unet2d")] == ["catalogue:unet2d-sample-v1", "catalogue:unet2d-synthesis-v2",
                                                              "file"]
-    assert [key for key, _ in logic.weightsChoices("mome")] == ["none", "file"]
+    assert [key for key, _ in logic.weightsChoices("sofa")] == ["none", "file"]
     cmaa = logic.weightsChoices("cmaa")  # ships experimental weights, and says so
     assert [key for key, _ in cmaa] == ["catalogue:cmaa-lite128-v1", "file"] and cmaa[0][1].startswith("EXPERIMENTAL: ")
-    assert logic.weightsProblem("mome") and not logic.weightsProblem("unet2d")
-    assert logic.methodInfo("mome").weightsProblem == logic.weightsProblem("mome")
+    assert logic.weightsProblem("sofa") and not logic.weightsProblem("unet2d")
+    assert logic.methodInfo("sofa").weightsProblem == logic.weightsProblem("sofa")
     assert logic._weightsKey("unet2d", None) == ("catalogue", "unet2d-sample-v1")
     assert logic._weightsKey("unet2d", "litemedsam-v1") == ("catalogue", "litemedsam-v1")
     assert logic._weightsKey("unet2d", tmp_path / "w.safetensors") == ("file", str((tmp_path / "w.safetensors").resolve()))

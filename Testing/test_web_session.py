@@ -147,7 +147,7 @@ def test_method_checks_explain_what_is_missing(session):
     finally:
         session.set_input("flair", flair)
     assert "segment first" in session.refine_problem("litemedsam", None)
-    assert "ships no trained weights" in session.segment_problem("mome")  # listed, but Segment is refused
+    assert "ships no trained weights" in session.segment_problem("sofa")  # listed, but Segment is refused
 
 
 def test_segment_shows_overlays_and_the_volume_table(session, tmp_path):

@@ -11,8 +11,9 @@ on the whole tumour only (its lesion against WT), TC and ET are left out. A meth
 box (DB-SAM) gets the drawn-ROI box: the bounding box of every lesion voxel (as the trainer's
 validation); healthy cases are left out for it (there is nothing to draw a box around). ``--cascade
 LABEL ...`` also scores those models behind the engine's cascade (the default automatic model picks
-the slices first: what ``brainlesionsam segment --cascade`` costs in Dice); every row records the
-model's seconds for the case.
+the slices first: what ``brainlesionsam segment --cascade`` costs in Dice); ``--matched-expert
+LABEL ...`` also scores those MoME models with each input's own modality expert alone (the gate
+unused); every row records the model's seconds for the case.
 
 Test groups (seeds never used in training: training pools use (0, pool, i), validation
 (0, 999999, i); the test uses (TEST_SEED, group, i)):
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cascade", nargs="*", default=[], metavar="MODEL",
                         help="also score these models (labels of --model) behind the cascade: the default "
                              "automatic model picks the slices first (issue 22's Dice cost of --cascade)")
+    parser.add_argument("--matched-expert", nargs="*", default=[], metavar="MODEL",
+                        help="also score these MoME models (labels of --model) with each input's own modality "
+                             "expert alone, the gate unused (issue 21: the modality experts against the mixture)")
     parser.add_argument("--model", action="append", default=[], metavar="LABEL=METHOD[:WEIGHTS[:MODALITIES]]",
                         help="also score this method (see the module docstring); repeatable")
     parser.add_argument("--no-unet2d", action="store_true", help="leave out the unet2d weights of WEIGHTS")
@@ -184,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--model {spec!r}: give LABEL=METHOD[:WEIGHTS[:MODALITIES]]")
         loaded[label] = resolve_method(method_name, weights or None).eval()
         given[label] = tuple(modalities.split(",")) if modalities else MODALITIES
-    for option, chosen in (("--mirror-tta", args.mirror_tta), ("--cascade", args.cascade)):
+    for option, chosen in (("--mirror-tta", args.mirror_tta), ("--cascade", args.cascade),
+                           ("--matched-expert", args.matched_expert)):
         if set(chosen) - set(loaded):
             parser.error(f"{option}: unknown model(s) {sorted(set(chosen) - set(loaded))}; "
                          f"available: {', '.join(loaded)}")
@@ -193,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     models = {name: (method, {}) for name, method in loaded.items()}
     models.update({f"{name} +TTA": (loaded[name], {"mirror_tta": True}) for name in args.mirror_tta})
     models.update({f"{name} +cascade": (loaded[name], {"cascade": True}) for name in args.cascade})
+    for name in args.matched_expert:
+        if "prediction" not in loaded[name].config:
+            parser.error(f"--matched-expert: {name} is not a MoME model")
+        ablation = type(loaded[name])(**{**loaded[name].config, "prediction": "matched_expert"})
+        ablation.load_state_dict(loaded[name].state_dict())
+        models[f"{name} expert"] = (ablation.eval(), {})
+        given[f"{name} expert"] = given[name]
     results: dict = {"cases_per_group": args.cases, "groups": {}}
     for group, spec in groups().items():
         if args.groups and group not in args.groups:

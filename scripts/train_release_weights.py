@@ -5,7 +5,7 @@ and the CPU releases of CMAA, DB-SAM and BrainSegDMIF (issue 21).
 
 CONFIG: ``unet2d_synthesis`` (unet2d-synthesis-v2), ``unet2d_synthesis_v3``, ``cmaa_release``
 (cmaa-lite128-v1), ``cmaa_release_flair`` (its single-FLAIR control: trained for the comparison in
-docs/phantom_study.md, not shipped), ``dbsam_release`` (dbsam-lite128-v1) or ``brainsegdmif_release``
+docs/phantom_study.md, not shipped), ``dbsam_release`` (dbsam-lite128-v2) or ``brainsegdmif_release``
 (brainsegdmif-lite128-v1). ``--which last`` exports a run stopped early (its last checkpoint).
 
 1. Runs ``brainlesionsam-train --config CONFIG`` into ``runs/CONFIG``, its synthetic pools in

@@ -309,7 +309,7 @@ class DBSAM(BackboneDeltaBase, BoxPromptedLesionMethod):
         requires_box=True,
     )
     initialisation_keys = ("backbone_weights",)
-    # The CPU release (catalogue dbsam-lite128-v1): a delta on LiteMedSAM, Training/configs/dbsam_release.json.
+    # The CPU release (catalogue dbsam-lite128-v2): a delta on LiteMedSAM, Training/configs/dbsam_release.json.
     packaged_weights = "dbsam_lite128.safetensors"
     default_config = {
         "backbone": "vit_b",            # 'vit_b' (paper) or 'lite' (LiteMedSAM's TinyViT at 256, or a smaller multiple of 64)

@@ -55,6 +55,9 @@ Where this implementation differs, and why:
 - Gate activation (``gate_activation``): 'none' as the authors' code (default); 'softmax' over the
   experts (weights per class and voxel summing to 1) or 'sigmoid' are available.
 - Deep-supervision targets are down-sampled by MONAI's ``DeepSupervisionLoss`` (nearest-exact).
+- ``prediction='matched_expert'`` predicts with each input's own modality expert alone, the gate
+  unused: the ablation of the modality experts against the gated mixture (issue 21,
+  docs/phantom_study.md); the default 'fused' is the paper's output.
 - Several modalities at once (BraTS): MoME is run on each available modality separately, as its own
   single-image input, and the class probabilities are combined (``combine``): 'mean' (default; the
   lesion probability is the mean of the per-modality lesion probabilities) or 'max' (a voxel is
@@ -116,6 +119,7 @@ from .base import MethodFacts, SegmentationMethod, register_method
 GATE_ACTIVATIONS = ("none", "softmax", "sigmoid")
 COMBINE_RULES = ("mean", "max")
 TRAINING_STAGES = ("mome", "experts")
+PREDICTIONS = ("fused", "matched_expert")
 
 
 def nnunet_dynunet(in_channels: int, out_channels: int, filters: Sequence[int], kernel_sizes: Sequence[int],
@@ -312,6 +316,8 @@ class MoME(SegmentationMethod):
         "deep_supervision_weights": None,       # None: nnU-Net's 1/2^s, coarsest 0, normalised
         "gate_activation": "none",              # authors' code: none; or 'softmax' / 'sigmoid'
         "combine": "mean",                      # several input modalities: 'mean' | 'max'
+        "prediction": "fused",                  # 'fused' (the paper) | 'matched_expert': each input's
+                                                # own modality expert alone (the ablation)
         "inference_batch": 1,                   # single-modality patches per network pass
         "working_spacing_mm": None,             # None: the input's grid (paper: MNI 1 mm); e.g. 2.0: the
                                                 # engine and the trainer resize cases to 2 mm voxels
@@ -368,6 +374,7 @@ class MoME(SegmentationMethod):
             raise ValueError(f"mome: deep_supervision_weights must be None or {heads + 1} non-negative "
                              f"numbers (one per scale, full resolution first) with a positive sum, not {weights!r}")
         for key, allowed in (("gate_activation", GATE_ACTIVATIONS), ("combine", COMBINE_RULES),
+                             ("prediction", PREDICTIONS),
                              ("training_stage", TRAINING_STAGES), ("optimizer", ("sgd",)),
                              ("lr_schedule", ("poly",))):
             if config[key] not in allowed:
@@ -490,7 +497,8 @@ class MoME(SegmentationMethod):
 
     def _probabilities_per_modality(self, images: torch.Tensor, available: torch.Tensor, record: bool
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax of the full-resolution fused logits of every (sample, available modality) pair:
+        """Softmax of the full-resolution fused logits of every (sample, available modality) pair -
+        or, with ``prediction='matched_expert'``, of the logits of that modality's own expert -:
         ([P, K, ...], pairs [P, 2] = (sample, MODALITIES index)); ``record``: accumulate the gate's
         per-case weights."""
         present = available.to(torch.bool)
@@ -505,7 +513,11 @@ class MoME(SegmentationMethod):
             output = self.network(chunk, scales=1)
             if record:
                 self._record_gate(output.gates[0], chunk, pairs[start:start + len(chunk), 1])
-            chunks.append(torch.softmax(output.fused[0].float(), dim=1))
+            logits = output.fused[0]
+            if self.config["prediction"] == "matched_expert":
+                experts = [self.expert_index(MODALITIES[int(m)]) for m in pairs[start:start + len(chunk), 1]]
+                logits = torch.stack([output.expert_logits[e][0][row] for row, e in enumerate(experts)])
+            chunks.append(torch.softmax(logits.float(), dim=1))
         return torch.cat(chunks), pairs
 
     def _combine(self, probabilities: torch.Tensor, pairs: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -80,7 +80,7 @@ def leftovers(folder: Path) -> list[str]:
 def test_shipped_catalogue_matches_the_methods_and_the_files():
     shipped = catalogue.load_catalogue(SHIPPED_CATALOGUE)
     assert shipped.ids() == ["unet2d-sample-v1", "unet2d-synthesis-v2", "litemedsam-v1", "litemedsam-brain-v1",
-                             "cmaa-lite128-v1", "dbsam-lite128-v2", "brainsegdmif-lite128-v1"]
+                             "cmaa-lite128-v1", "dbsam-lite128-v2", "brainsegdmif-lite128-v1", "mome-2mm-v1"]
     assert shipped.default_for("litemedsam").id == "litemedsam-brain-v1"
     assert shipped.get("litemedsam-brain-v1").base == "litemedsam-v1"
     cmaa = shipped.default_for("cmaa")
@@ -89,8 +89,11 @@ def test_shipped_catalogue_matches_the_methods_and_the_files():
     for method in ("dbsam", "brainsegdmif"):  # the other CPU releases, experimental and named alike
         entry = shipped.default_for(method)
         assert (entry.base, entry.experimental) == ("litemedsam-v1", True) and "128 px" in entry.title
-    # DB-SAM's 11.2 M trained parameters at float32 are over 25 MB (said in its origin); BrainSegDMIF's delta is not
-    assert shipped.default_for("brainsegdmif").size < 25e6 and "do not fit 25 MB" in shipped.default_for("dbsam").origin
+    # Every release file within ~25 MB: DB-SAM's 11.2 M trained parameters only as float16 (said in its origin)
+    assert all(shipped.default_for(m).size < 25e6 for m in ("dbsam", "brainsegdmif", "mome"))
+    assert "float16" in shipped.default_for("dbsam").origin and "float16" in shipped.default_for("mome").origin
+    mome = shipped.default_for("mome")  # the 3D release: experimental, its reductions in the name
+    assert (mome.id, mome.base, mome.experimental) == ("mome-2mm-v1", None, True) and "2 mm" in mome.title
     assert catalogue.check_against_registry(shipped) == []
     for entry in shipped.entries:
         assert entry.url is None and entry.kind == "package"  # no invented download addresses

@@ -200,7 +200,8 @@ def test_without_torch_the_panel_lists_the_catalogue(monkeypatch):
                                                                        ("litemedsam", True, None),
                                                                        ("cmaa", True, None),
                                                                        ("dbsam", True, None),
-                                                                       ("brainsegdmif", True, None)]
+                                                                       ("brainsegdmif", True, None),
+                                                                       ("mome", True, None)]
     assert infos[1].modalitiesText() == "FLAIR required; T1, T1CE, T2 optional"
     assert infos[0].modalitiesText() == "any of T1, T1CE, T2, FLAIR"
 

@@ -306,6 +306,8 @@ class MoME(SegmentationMethod):
         reference="Zhang et al., A Foundation Model for Brain Lesion Segmentation with Mixture of "
                   "Modality Experts, MICCAI 2024",
     )
+    # The CPU release (catalogue mome-2mm-v1): four small experts at 2 mm, Training/configs/mome_release.json.
+    packaged_weights = "mome_2mm.safetensors"
     default_config = {
         "experts": ("t1", "t1ce", "t2", "flair", "dwi"),  # one expert per name, paper's five
         "patch_size": (128, 128, 128),          # sliding-window / training patch (z, y, x)

@@ -148,7 +148,7 @@ def test_weights_by_catalogue_id_default_and_errors(lite, tmp_path):
     with pytest.raises(WeightsError, match="does not exist and is not a catalogue model id.*unet2d-sample-v1"):
         resolve_method("unet2d", "unet2d-nosuch", catalogue=catalogue)
     with pytest.raises(WeightsError, match="ships no weights"):
-        resolve_method("mome", catalogue=catalogue)
+        resolve_method("sofa", catalogue=catalogue)
 
 
 def test_catalogue_refuses_two_defaults_and_an_unknown_base():

@@ -124,11 +124,13 @@ class SliceGeometry:
         return (x0 * s + left, y0 * s + top, (x1 + 1) * s + left, (y1 + 1) * s + top)
 
 
-def working_shape(shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...], spacing_mm: float
-                  ) -> tuple[int, int, int]:
+def working_shape(shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...],
+                  spacing_mm: float | tuple[float, ...]) -> tuple[int, int, int]:
     """The [z, y, x] shape that covers the field of view of a ``shape_zyx`` grid of ``spacing_zyx`` mm
-    with isotropic ``spacing_mm`` voxels (a 3D method's working grid, ``MethodFacts.working_spacing_mm``)."""
-    return tuple(max(1, int(round(n * s / spacing_mm))) for n, s in zip(shape_zyx, spacing_zyx))
+    with ``spacing_mm`` voxels (one isotropic size - a 3D method's working grid,
+    ``MethodFacts.working_spacing_mm`` - or one per axis)."""
+    targets = (spacing_mm,) * len(shape_zyx) if isinstance(spacing_mm, (int, float)) else spacing_mm
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape_zyx, spacing_zyx, targets))
 
 
 def resize_volume(volume: torch.Tensor, shape_zyx: tuple[int, ...], nearest: bool = False) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from BrainLesionSAMLib.conventions import MODALITIES
 from BrainLesionSAMLib.methods import MethodFacts
-from BrainLesionSAMLib.preprocessing import SliceGeometry, resize_volume
+from BrainLesionSAMLib.preprocessing import SliceGeometry, resize_volume, working_shape
 
 from .augmentation import augment, build_augmentation
 from .cache import CachedCase, classes_for
@@ -175,8 +175,7 @@ class TrainingSamples(Dataset):
             # With a working voxel size, the patch covers size x working spacing mm of the case's own
             # grid and is resized to ``size``, as the engine resizes a whole case.
             spacing = self.facts.working_spacing_mm
-            native = size if spacing is None else \
-                tuple(max(1, int(round(n * spacing / s))) for n, s in zip(size, case.spacing_zyx))
+            native = size if spacing is None else working_shape(size, (spacing,) * 3, case.spacing_zyx)
             foreground = case.foreground
             if len(foreground) and rng.random() < self.data["foreground_probability"]:
                 centre = foreground[int(rng.integers(len(foreground)))]

@@ -1,12 +1,13 @@
 """Re-create a shipped model that brainlesionsam-train makes: the synthesiser-trained unet2d (issue 19)
-and the CPU releases of CMAA, DB-SAM and BrainSegDMIF (issue 21).
+and the CPU releases of CMAA, DB-SAM, BrainSegDMIF and MoME (issue 21).
 
     python scripts/train_release_weights.py [--config CONFIG] [--threads N] [--export-only [--which last]]
 
 CONFIG: ``unet2d_synthesis`` (unet2d-synthesis-v2), ``unet2d_synthesis_v3``, ``cmaa_release``
 (cmaa-lite128-v1), ``cmaa_release_flair`` (its single-FLAIR control: trained for the comparison in
-docs/phantom_study.md, not shipped), ``dbsam_release`` (dbsam-lite128-v2) or ``brainsegdmif_release``
-(brainsegdmif-lite128-v1). ``--which last`` exports a run stopped early (its last checkpoint).
+docs/phantom_study.md, not shipped), ``dbsam_release`` (dbsam-lite128-v2), ``brainsegdmif_release``
+(brainsegdmif-lite128-v1) or ``mome_release`` (mome-2mm-v1: shipped from step 650 of its planned 1200
+with ``--export-only --which last``). ``--which last`` exports a run stopped early (its last checkpoint).
 
 1. Runs ``brainlesionsam-train --config CONFIG`` into ``runs/CONFIG``, its synthetic pools in
    ``runs/cache_CONFIG`` (a cache per run, so two runs can train side by side on the two cores): an

@@ -376,6 +376,39 @@ def test_region_loss_is_bce_plus_soft_iou(model):
     assert torch.isfinite(model.loss(logits, classes))
 
 
+def test_balanced_region_loss_weighs_lesion_and_background_pixels_equally():
+    """ce_balance: per sample, the mean BCE over the mask's pixels and over the others, averaged (an
+    empty mask: the others only); checked against a per-pixel loop. A one-pixel lesion then pulls its
+    logit up about 30,000 times harder than the plain mean does, which is what stops "nothing here"."""
+    import math
+
+    balanced = SOFA(freeze_image_encoder=True, ce_balance=True)
+    x = torch.randn(2, 16, 16)
+    target = torch.zeros(2, 16, 16, dtype=torch.bool)
+    target[0, 3, 4] = True                                  # sample 0: one lesion pixel; sample 1: none
+    p, t = torch.sigmoid(x), target.float()
+    intersection = (p * t).sum()
+    iou = 1 - (2 * intersection + 1e-5) / (2 * (p.sum() + t.sum() - intersection) + 1e-5)
+    bce = [[-math.log(float(p[n, i, j])) if target[n, i, j] else -math.log(1 - float(p[n, i, j]))
+            for i in range(16) for j in range(16)] for n in range(2)]
+    first = 0.5 * (bce[0][3 * 16 + 4] + (sum(bce[0]) - bce[0][3 * 16 + 4]) / 255)
+    second = sum(bce[1]) / 256
+    expected = (first + second) / 2 + float(iou)
+    assert float(balanced.region_loss(x, target)) == pytest.approx(expected, rel=1e-5)
+
+    plain = SOFA(freeze_image_encoder=True)
+    gradients = []
+    for method in (plain, balanced):
+        logits = torch.full((1, 256, 256), -8.0, requires_grad=True)  # collapsed: nothing predicted
+        one = torch.zeros(1, 256, 256, dtype=torch.bool)
+        one[0, 100, 100] = True
+        method.region_loss(logits, one).backward()
+        gradients.append(-float(logits.grad[0, 100, 100]))
+    assert gradients[1] > 1000 * gradients[0] > 0
+    with pytest.raises(ValueError, match="ce_balance"):
+        SOFA(ce_balance=1)
+
+
 def test_one_adam_step_lowers_the_loss(model, lesion_embeddings):
     """One-vs-all loss of both passes on fixed embeddings (frozen encoder), same draws before and after."""
     embeddings, available, target = lesion_embeddings

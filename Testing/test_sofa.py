@@ -377,12 +377,12 @@ def test_region_loss_is_bce_plus_soft_iou(model):
 
 
 def test_balanced_region_loss_weighs_lesion_and_background_pixels_equally():
-    """ce_balance: per sample, the mean BCE over the mask's pixels and over the others, averaged (an
+    """ce_positive_weight 'balanced': per sample, the mean BCE over the mask's pixels and over the others, averaged (an
     empty mask: the others only); checked against a per-pixel loop. A one-pixel lesion then pulls its
-    logit up about 30,000 times harder than the plain mean does, which is what stops "nothing here"."""
+    logit up about 30,000 times harder than the plain mean does."""
     import math
 
-    balanced = SOFA(freeze_image_encoder=True, ce_balance=True)
+    balanced = SOFA(freeze_image_encoder=True, ce_positive_weight="balanced")
     x = torch.randn(2, 16, 16)
     target = torch.zeros(2, 16, 16, dtype=torch.bool)
     target[0, 3, 4] = True                                  # sample 0: one lesion pixel; sample 1: none
@@ -405,8 +405,14 @@ def test_balanced_region_loss_weighs_lesion_and_background_pixels_equally():
         method.region_loss(logits, one).backward()
         gradients.append(-float(logits.grad[0, 100, 100]))
     assert gradients[1] > 1000 * gradients[0] > 0
-    with pytest.raises(ValueError, match="ce_balance"):
-        SOFA(ce_balance=1)
+    # a number w: BCE with pos_weight w (torch's), the mean over pixels
+    weighted = SOFA(freeze_image_encoder=True, ce_positive_weight=20)
+    expected = (sum(20 * b if target.flatten()[n * 256 + k] else b for n in range(2) for k, b in enumerate(bce[n]))
+                / 512 + float(iou))
+    assert float(weighted.region_loss(x, target)) == pytest.approx(expected, rel=1e-5)
+    for bad in (0.5, True, "more"):
+        with pytest.raises(ValueError, match="ce_positive_weight"):
+            SOFA(ce_positive_weight=bad)
 
 
 def test_one_adam_step_lowers_the_loss(model, lesion_embeddings):

@@ -58,7 +58,7 @@ class HeadConfig:
     user_box_probability: float = 0.5  # SOFA: pass 1 with a drawn whole-tumour box this often
     present_region_probability: float = 0.0  # SOFA: sub-region drawn among the slice's present ones this often
     ce_weight: float = 1.0            # SOFA: lambda_ce of its loss (lambda_iou stays 1)
-    ce_balance: bool = False          # SOFA: lesion- and background-pixel BCE weighed equally (its ce_balance)
+    ce_positive_weight: float | str = 1.0  # SOFA: BCE weight of lesion pixels, or 'balanced' (its ce_positive_weight)
     case_box_probability: float = 0.5  # LiteMedSAM: the case's lesion rectangle, else the slice's
     box_margin: float = 0.15          # LiteMedSAM: up to this fraction of the box side outwards ...
     box_margin_px: int = 6            # ... plus up to this many pixels
@@ -136,7 +136,7 @@ class HeadTraining:
             from BrainLesionSAMLib.methods.sofa import SOFA
 
             self.model = SOFA(freeze_image_encoder=True, train_user_box_probability=config.user_box_probability,
-                              lambda_ce=config.ce_weight, ce_balance=config.ce_balance)
+                              lambda_ce=config.ce_weight, ce_positive_weight=config.ce_positive_weight)
             self.candidates = torch.arange(len(pool))
             new = ("attention.", "region_prompts")
             groups = [{"params": [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith(new)],

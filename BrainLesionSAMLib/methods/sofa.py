@@ -291,7 +291,7 @@ class SOFA(BackboneDeltaBase, SegmentationMethod):
         "lambda_ce": 1.0,                # lambda_seg (CE)
         "lambda_iou": 1.0,               # lambda_iou (Dice-based IoU)
         "iou_batch": True,               # IoU over the whole batch (sampled sub-regions are often empty)
-        "ce_balance": False,             # BCE as the mean of its lesion- and background-pixel means (see region_loss)
+        "ce_positive_weight": 1.0,       # BCE weight of mask pixels (>= 1; 'balanced': see region_loss)
         "train_box_jitter_px": 5,        # pass-2 training box: ground truth grown by 0-5 px per side
         "train_user_box_probability": 0.5,  # pass-1 training prompt: the batch's box this often
         "optimizer": "adam",             # paper: Adam, lr 3e-5, cosine decay, batch 2, 200 epochs
@@ -310,13 +310,16 @@ class SOFA(BackboneDeltaBase, SegmentationMethod):
         if c["first_pass_prompt"] not in FIRST_PASS_PROMPTS:
             raise ValueError(f"sofa: first_pass_prompt must be one of {FIRST_PASS_PROMPTS}, "
                              f"not {c['first_pass_prompt']!r}")
-        for key in ("refine", "region_prompts", "freeze_image_encoder", "attention_zero_init", "iou_batch",
-                    "ce_balance"):
+        for key in ("refine", "region_prompts", "freeze_image_encoder", "attention_zero_init", "iou_batch"):
             if not isinstance(c[key], bool):
                 raise ValueError(f"sofa: {key} must be true or false, not {c[key]!r}")
         for key in ("lambda_ce", "lambda_iou"):
             if not (isinstance(c[key], (int, float)) and c[key] >= 0):
                 raise ValueError(f"sofa: {key} must be a number >= 0, not {c[key]!r}")
+        weight = c["ce_positive_weight"]
+        if weight != "balanced" and not (isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                                         and weight >= 1):
+            raise ValueError(f"sofa: ce_positive_weight must be a number >= 1 or 'balanced', not {weight!r}")
         if not (isinstance(c["train_box_jitter_px"], int) and c["train_box_jitter_px"] >= 0):
             raise ValueError(f"sofa: train_box_jitter_px must be an integer >= 0, not {c['train_box_jitter_px']!r}")
         if not (isinstance(c["train_user_box_probability"], (int, float))
@@ -491,35 +494,34 @@ class SOFA(BackboneDeltaBase, SegmentationMethod):
         """Eq. 7: lambda_ce BCE + lambda_iou (1 - soft IoU) of sub-region logits [N, H, W] (or
         [N, 1, H, W]) against a binary mask of the same size.
 
-        With ``ce_balance`` the BCE of each sample is the mean of its mean over the mask's pixels
-        and its mean over the others (a sample with an empty mask: the latter only). Why: a small
-        lesion is a few hundred of a slice's 65,536 pixels, so the plain mean lets "nothing here"
-        win; once every logit is far below 0 the soft IoU's gradient vanishes with the sigmoid's and
-        cannot pull it back (docs/sam_heads.md: the automatic mode collapsed that way). The lesion
-        pixels' BCE gradient does not vanish there."""
+        ``ce_positive_weight`` w counts each mask pixel's BCE w times (the mean stays over pixels).
+        Why: a small lesion is a few hundred of a slice's 65,536 pixels; a model that cannot yet tell
+        exactly where it is then minimises plain BCE with probabilities below 0.5 everywhere, and
+        the 0.5 threshold finds nothing (docs/sam_heads.md: the automatic mode collapsed that way).
+        Under weight w a pixel is labelled where its lesion probability exceeds 1 / (1 + w).
+        'balanced': per sample the mean of the BCE's mean over the mask's pixels and its mean over
+        the others (an empty mask: the latter only), i.e. w = background / lesion pixels."""
         if self._loss_function is None:
-            from monai.losses import DiceCELoss, DiceLoss  # monai is slow to import; only training needs it
+            from monai.losses import DiceLoss  # monai is slow to import; only training needs it
 
-            if self.config["ce_balance"]:
-                self._loss_function = DiceLoss(sigmoid=True, jaccard=True, batch=self.config["iou_batch"])
-            else:
-                self._loss_function = DiceCELoss(sigmoid=True, jaccard=True, batch=self.config["iou_batch"],
-                                                 lambda_dice=float(self.config["lambda_iou"]),
-                                                 lambda_ce=float(self.config["lambda_ce"]))
+            self._loss_function = DiceLoss(sigmoid=True, jaccard=True, batch=self.config["iou_batch"])
         if logits.dim() == 3:
             logits = logits[:, None]
         if target.dim() == 3:
             target = target[:, None]
         logits, target = logits.float(), target.to(torch.float32)
-        if not self.config["ce_balance"]:
-            return self._loss_function(logits, target)
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1)
-        inside = target.flatten(1)
-        count = inside.sum(dim=1)
-        inside_mean = (bce * inside).sum(dim=1) / count.clamp_min(1)
-        outside_mean = (bce * (1 - inside)).sum(dim=1) / (inside.shape[1] - count).clamp_min(1)
-        balanced = torch.where(count > 0, 0.5 * (inside_mean + outside_mean), outside_mean)
-        return (float(self.config["lambda_ce"]) * balanced.mean()
+        weight = self.config["ce_positive_weight"]
+        if weight == "balanced":
+            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1)
+            inside = target.flatten(1)
+            count = inside.sum(dim=1)
+            inside_mean = (bce * inside).sum(dim=1) / count.clamp_min(1)
+            outside_mean = (bce * (1 - inside)).sum(dim=1) / (inside.shape[1] - count).clamp_min(1)
+            ce = torch.where(count > 0, 0.5 * (inside_mean + outside_mean), outside_mean).mean()
+        else:
+            ce = F.binary_cross_entropy_with_logits(logits, target,
+                                                    pos_weight=torch.tensor(float(weight), device=logits.device))
+        return (float(self.config["lambda_ce"]) * ce
                 + float(self.config["lambda_iou"]) * self._loss_function(logits, target))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -80,9 +80,10 @@ What is decided here where the paper is vague (all switchable in ``default_confi
   with r's ground-truth bounding box grown by a random 0-``train_box_jitter_px`` (5) px per side
   (LiteMedSAM's own training jitter at 256; the paper does not say how pass 2 is trained; boxes
   from pass 1 would be noise early in training). Loss = L(pass 1) + L(pass 2) with
-  L = lambda_ce BCE + lambda_iou (1 - soft IoU): MONAI's ``DiceCELoss(sigmoid=True, jaccard=True)``,
-  i.e. MONAI's Dice loss in its Jaccard form ("Dice-based IoU"), over the whole batch (``iou_batch``;
-  a sampled sub-region is often empty in a slice). (The names lambda_seg / lambda_iou are LiteMedSAM's
+  L = lambda_ce BCE + lambda_iou (1 - soft IoU): torch's BCE (lesion pixels weighted by
+  ``ce_positive_weight``, 1 by default; see ``region_loss``) plus MONAI's ``DiceLoss(sigmoid=True,
+  jaccard=True)``, i.e. MONAI's Dice loss in its Jaccard form ("Dice-based IoU"), over the whole
+  batch (``iou_batch``; a sampled sub-region is often empty in a slice). (The names lambda_seg / lambda_iou are LiteMedSAM's
   training script's, whose "IoU loss" is the MSE of the IoU-prediction head; the paper calls its
   IoU loss Dice-based, which is what is implemented; the IoU head is not used.)
 - **Frozen parts**: none by default (the paper fine-tunes LiteMedSAM; "the attention mechanism in

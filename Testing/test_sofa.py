@@ -377,9 +377,9 @@ def test_region_loss_is_bce_plus_soft_iou(model):
 
 
 def test_balanced_region_loss_weighs_lesion_and_background_pixels_equally():
-    """ce_positive_weight 'balanced': per sample, the mean BCE over the mask's pixels and over the others, averaged (an
-    empty mask: the others only); checked against a per-pixel loop. A one-pixel lesion then pulls its
-    logit up about 30,000 times harder than the plain mean does."""
+    """ce_positive_weight 'balanced': per sample, the mean BCE over the mask's pixels and over the
+    others, averaged (an empty mask: the others only); checked against a per-pixel loop. A one-pixel
+    lesion then pulls its logit up about 30,000 times harder than the plain mean does."""
     import math
 
     balanced = SOFA(freeze_image_encoder=True, ce_positive_weight="balanced")

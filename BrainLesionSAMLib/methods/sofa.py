@@ -83,9 +83,10 @@ What is decided here where the paper is vague (all switchable in ``default_confi
   L = lambda_ce BCE + lambda_iou (1 - soft IoU): torch's BCE (lesion pixels weighted by
   ``ce_positive_weight``, 1 by default; see ``region_loss``) plus MONAI's ``DiceLoss(sigmoid=True,
   jaccard=True)``, i.e. MONAI's Dice loss in its Jaccard form ("Dice-based IoU"), over the whole
-  batch (``iou_batch``; a sampled sub-region is often empty in a slice). (The names lambda_seg / lambda_iou are LiteMedSAM's
-  training script's, whose "IoU loss" is the MSE of the IoU-prediction head; the paper calls its
-  IoU loss Dice-based, which is what is implemented; the IoU head is not used.)
+  batch (``iou_batch``; a sampled sub-region is often empty in a slice). (The names lambda_seg /
+  lambda_iou are LiteMedSAM's training script's, whose "IoU loss" is the MSE of the IoU-prediction
+  head; the paper calls its IoU loss Dice-based, which is what is implemented; the IoU head is not
+  used.)
 - **Frozen parts**: none by default (the paper fine-tunes LiteMedSAM; "the attention mechanism in
   TinyViT, when properly fine-tuned"). ``freeze_image_encoder: True`` freezes TinyViT (it then stays
   in eval mode under ``.train()``: its BatchNorm statistics are kept), e.g. to train on precomputed

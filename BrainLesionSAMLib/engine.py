@@ -385,7 +385,7 @@ class InferenceEngine:
         the slices flipped along that dim (boxes already mirrored), its output flipped back."""
         with self._autocast():
             if self.embedding_cache is None:
-                images = case.network_slices(batch).to(self.device)
+                images = case.network_slices(batch, self.method.facts.context_slices).to(self.device)
                 images = images if flip is None else images.flip(flip)
                 batch_probabilities = self.method.predict_proba(images, available, boxes)
             else:
@@ -403,7 +403,7 @@ class InferenceEngine:
                 for z in batch]
         missing = [i for i, key in enumerate(keys) if self.embedding_cache.get(key) is None]
         if missing:
-            images = case.network_slices(batch[missing]).to(self.device)
+            images = case.network_slices(batch[missing], self.method.facts.context_slices).to(self.device)
             images = images if flip is None else images.flip(flip)
             encoded = self.method.encode(images, available[missing])
             for i, embedding in zip(missing, encoded):

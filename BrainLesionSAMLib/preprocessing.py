@@ -281,6 +281,22 @@ def normalize_intensity(array: np.ndarray, what: str = "image") -> np.ndarray:
     return out
 
 
+def slices_with_context(images_czyx: np.ndarray, z_indices: np.ndarray | list[int], context: int = 0
+                        ) -> np.ndarray:
+    """[N, C * (2 * context + 1), Y, X] float32: for each z, the C channels of axial slices
+    z - context, ..., z + context in that order (channel offset * C + c), so the centre slice is the
+    block ``context``. Neighbours beyond the volume repeat its first / last slice, as a scanner's
+    edge slice would look; the training sampler and the engine both build 2.5D input with this."""
+    z_indices = np.asarray(z_indices, dtype=np.int64).reshape(-1)
+    depth = images_czyx.shape[1]
+    offsets = np.arange(-context, context + 1)
+    neighbours = np.clip(z_indices[:, None] + offsets[None], 0, depth - 1)  # [N, 2k + 1]
+    slices = np.asarray(images_czyx[:, neighbours.ravel()], dtype=np.float32)  # [C, N * (2k + 1), Y, X]
+    channels, _, height, width = slices.shape
+    slices = slices.reshape(channels, len(z_indices), len(offsets), height, width)
+    return slices.transpose(1, 2, 0, 3, 4).reshape(len(z_indices), len(offsets) * channels, height, width)
+
+
 @dataclass
 class PreparedCase:
     """A case ready for any method: normalised volumes on the reference grid.
@@ -328,10 +344,11 @@ class PreparedCase:
         """Indices z of axial slices that contain brain."""
         return np.flatnonzero(self.brain_mask.any(axis=(1, 2)))
 
-    def network_slices(self, z_indices: np.ndarray | list[int]) -> torch.Tensor:
-        """[N, 4, 256, 256] network input for the given axial slices."""
-        slices = self.images[:, z_indices].transpose(1, 0, 2, 3)
-        return self.slice_geometry.to_network(slices)
+    def network_slices(self, z_indices: np.ndarray | list[int], context: int = 0) -> torch.Tensor:
+        """[N, 4 * (2 * context + 1), 256, 256] network input for the given axial slices: with
+        ``context`` (2.5D methods, ``MethodFacts.context_slices``) each slice comes with its
+        neighbours z - context .. z + context (see :func:`slices_with_context`)."""
+        return self.slice_geometry.to_network(slices_with_context(self.images, z_indices, context))
 
     def to_reference_image(self, array_zyx: np.ndarray) -> sitk.Image:
         """Wrap a [Z, Y, X] array as an image with exactly the reference's geometry."""

@@ -263,3 +263,27 @@ def test_cascade_runs_the_method_only_near_the_cascade_models_lesion_slices():
     assert method.encoded_slices == len(ran) + len(case.brain_slices())  # cascade run + plain run
     with pytest.raises(BrainLesionSAMError, match="both its model and the method must be 2D"):
         InferenceEngine(method, "cpu", cascade=InferenceEngine(FlairOnly3D(), "cpu"))
+
+
+def test_engine_gives_a_2p5d_method_each_slices_neighbours(oblique_case):
+    """A 2.5D unet2d (context_slices 1) through the engine gives the probabilities of a loop that
+    stacks slices z-1, z, z+1 by hand (clipped at the volume's ends), one slice at a time."""
+    case, _ = oblique_case
+    torch.manual_seed(3)
+    model = build_method("unet2d", {"channels": (8, 16, 32), "strides": (2, 2), "context_slices": 1}).eval()
+    assert model.facts.context_slices == 1 and type(model).facts.context_slices == 0
+    depth = case.shape_zyx[0]
+    available = torch.as_tensor(case.available)[None]
+    expected = np.zeros(case.shape_zyx + (len(model.facts.labels),), np.float32)
+    expected[..., 0] = 1.0
+    for z in range(depth):
+        if not case.brain_mask[z].any():
+            continue
+        stacked = torch.cat([case.network_slices([min(max(z + o, 0), depth - 1)]) for o in (-1, 0, 1)], dim=1)
+        with torch.no_grad():
+            probabilities = case.slice_geometry.from_network(model.predict_proba(stacked, available))[0]
+        expected[z] = probabilities.permute(1, 2, 0).numpy()
+    result = InferenceEngine(model, "cpu", batch_size=4, min_component_ml=0, precision="fp32").segment(
+        case, return_probabilities=True)
+    inside = case.brain_mask
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.probabilities)[inside], expected[inside], atol=1e-5)

@@ -161,3 +161,30 @@ def test_a_working_grid_halves_by_block_means_and_keeps_probabilities_summing_to
     assert resize_volume(labels, (8, 8, 8), nearest=True)[0, 0, 4:].eq(3).all()
     assert resize_volume(labels, (8, 8, 8), nearest=True)[0, 0, :4].eq(0).all()
     assert resize_volume(labels, (4, 4, 4)) is labels
+
+
+def test_slices_with_context_stacks_each_slices_neighbours_and_repeats_the_edge_slices():
+    from BrainLesionSAMLib.preprocessing import slices_with_context
+
+    channels, depth, height, width = 4, 5, 3, 2
+    images = (np.arange(channels)[:, None, None, None] * 100 + np.arange(depth)[None, :, None, None]
+              + np.zeros((1, 1, height, width))).astype(np.float32)  # value = 100 * channel + z
+    stacked = slices_with_context(images, [0, 2, 4], context=2)
+    assert stacked.shape == (3, 4 * 5, height, width) and stacked.dtype == np.float32
+    for n, z in enumerate([0, 2, 4]):
+        for block, offset in enumerate(range(-2, 3)):
+            neighbour = min(max(z + offset, 0), depth - 1)
+            for c in range(channels):
+                assert (stacked[n, block * channels + c] == 100 * c + neighbour).all()
+    np.testing.assert_array_equal(slices_with_context(images, [3], 0)[0], images[:, 3])
+
+
+def test_network_slices_with_context_hold_the_plain_slices_in_their_centre_block():
+    images, _ = blob_case((9, 40, 30))
+    case = prepare_case(images)
+    plain = case.network_slices([0, 4, 8])
+    wide = case.network_slices([0, 4, 8], context=1)
+    assert wide.shape == (3, 12, 256, 256)
+    torch.testing.assert_close(wide[:, 4:8], plain, rtol=0, atol=0)
+    torch.testing.assert_close(wide[1, :4], case.network_slices([3])[0], rtol=0, atol=0)
+    torch.testing.assert_close(wide[0, :4], plain[0], rtol=0, atol=0)  # below slice 0: slice 0 again

@@ -16,10 +16,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from BrainLesionSAMLib.checkpoints import load_checkpoint, load_method, tensors_sha256
+from BrainLesionSAMLib.checkpoints import load_checkpoint, load_method, save_checkpoint, tensors_sha256
 from BrainLesionSAMLib.conventions import MODALITIES
 from BrainLesionSAMLib.methods import MethodFacts, SegmentationMethod, get_method_class, method_names
-from BrainLesionSAMLib.preprocessing import prepare_case
+from BrainLesionSAMLib.preprocessing import SliceGeometry, prepare_case
 from BrainLesionSAMLib.pth import file_sha256
 from Training import train as train_cli
 from Training.cache import CachedCase, entry_is_current, prepare_cache, write_entry
@@ -536,3 +536,45 @@ def test_mome_experts_config_is_the_methods_pretraining_recipe():
     assert differ == {("optimizer", "lr"), ("train", "epochs"), ("train", "grad_clip_parameters")}
     with pytest.raises(TrainingConfigError, match="init_from must be"):
         load_config("mome_smoke", ["init_from=3"])
+
+
+def test_a_2p5d_unet_samples_neighbouring_slices_and_starts_from_2d_weights(cases, tmp_path):
+    """unet2d with context_slices 1: each training sample holds slices z-1, z, z+1 (the 2D samples of
+    those slices, same modality dropout); init_from a 2D checkpoint gives a network that computes what
+    the 2D one did, whatever the neighbours hold; training runs and the result loads with the library."""
+    root, cache = cases
+    case_ids = [p.name for p in sorted(cache.iterdir()) if p.is_dir()][:1]
+    data, augmentation = _data_config(cache, modality_dropout=1.0)
+    small = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
+    wide_facts = get_method_class("unet2d")(**small, context_slices=1).facts
+    flat = TrainingSamples(cache, case_ids, get_method_class("unet2d").facts, data, augmentation)
+    wide = TrainingSamples(cache, case_ids, wide_facts, data, augmentation)
+    item = int(np.flatnonzero(wide.is_lesion)[0])
+    z = int(wide.items[item, 1])
+    seed = next(s for s in range(100) if not wide[(item, s)]["available"].all())  # one with a modality dropped
+    sample = wide[(item, seed)]
+    assert sample["images"].shape == (12, 256, 256)
+    assert torch.equal(sample["images"][4:8], flat[(item, seed)]["images"])
+    assert torch.equal(sample["available"], flat[(item, seed)]["available"])
+    assert not sample["images"][~sample["available"].repeat(3)].any()  # dropped: zero in every slice
+    below = np.asarray(CachedCase.open(cache, case_ids[0]).images[:, z - 1], np.float32)
+    expected_below = SliceGeometry(*below.shape[-2:]).to_network(below[None])[0]
+    assert torch.equal(sample["images"][:4], expected_below * sample["available"].float()[:, None, None])
+
+    torch.manual_seed(0)
+    flat_model = get_method_class("unet2d")(**small).eval()
+    checkpoint = tmp_path / "flat.safetensors"
+    save_checkpoint(flat_model, checkpoint)
+    out = tmp_path / "wide_run"
+    config = load_config("unet2d_smoke", tiny_unet_overrides(
+        root, cache, out, "method_config.num_res_units=1", "method_config.context_slices=1",
+        f"init_from={json.dumps(str(checkpoint))}"))
+    trainer = Trainer(config, log=lambda message: None)
+    wide_model = trainer._build_method(get_method_class("unet2d")).eval()
+    images = torch.rand(2, 12, 64, 64) * 255
+    available = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    with torch.no_grad():
+        torch.testing.assert_close(wide_model(images, available), flat_model(images[:, 4:8], available))
+    summary = Trainer(config, log=lambda message: None).run()
+    trained = load_method("unet2d", out / "final.safetensors")
+    assert trained.facts.context_slices == 1 and tensors_sha256(trained.state_dict()) == summary["rank_weight_sha256"][0]

@@ -8,7 +8,8 @@ network pixels, grown by a random 0-20 px per side as MedSAM and DB-SAM train) a
 (``single_modality``: the MODALITIES index of the one modality the sample shows, MoME's curriculum).
 Nothing here looks at a method's name; everything follows from its facts and the config.
 
-2D: every axial slice with brain is an item. Each epoch takes every lesion slice of the training
+2D: every axial slice with brain is an item (a 2.5D method, ``facts.context_slices`` > 0, gets it with
+its neighbouring slices, as the engine gives them). Each epoch takes every lesion slice of the training
 cases once plus ``background_ratio`` times as many lesion-free brain slices drawn anew (so the
 network also learns to say 'nothing here'); slices go through the engine's
 :class:`~BrainLesionSAMLib.preprocessing.SliceGeometry` to 256 x 256. A patient's slices come only
@@ -38,7 +39,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from BrainLesionSAMLib.conventions import MODALITIES
 from BrainLesionSAMLib.methods import MethodFacts
-from BrainLesionSAMLib.preprocessing import SliceGeometry, resize_volume, working_shape
+from BrainLesionSAMLib.preprocessing import SliceGeometry, resize_volume, slices_with_context, working_shape
 
 from .augmentation import augment, build_augmentation
 from .cache import CachedCase, classes_for
@@ -167,7 +168,7 @@ class TrainingSamples(Dataset):
             z = int(self.items[index, 1])
             _, height, width = case.meta["shape_zyx"]
             geometry = SliceGeometry(height, width)
-            image = geometry.to_network(np.asarray(case.images[:, z], dtype=np.float32)[None])[0]
+            image = geometry.to_network(slices_with_context(case.images, [z], self.facts.context_slices))[0]
             classes = classes_for(case.labels[z], case.meta["label_set"], self.facts.label_set)
             target = geometry.to_network(classes[None], nearest=True)[0]
         else:
@@ -187,7 +188,8 @@ class TrainingSamples(Dataset):
             labels = resize_volume(labels[None, None], size, nearest=True)[0, 0].numpy().astype(np.uint8)
             target = torch.from_numpy(classes_for(labels, case.meta["label_set"], self.facts.label_set))
         available, modality = self._modalities(case, rng)
-        image = image * torch.from_numpy(available.astype(np.float32)).view(-1, *([1] * self.spatial_dims))
+        present = torch.from_numpy(available.astype(np.float32)).repeat(2 * self.facts.context_slices + 1)
+        image = image * present.view(-1, *([1] * self.spatial_dims))
         image, target = augment(self.transform, image, target, int(rng.integers(2 ** 32)))
         sample = {"images": image, "available": torch.from_numpy(available), "target": target}
         if self.facts.promptable:

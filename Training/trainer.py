@@ -250,8 +250,9 @@ class Trainer:
 
     def _load_initial_weights(self, method: SegmentationMethod, source: str) -> None:
         """``init_from``: every tensor of the method from a run's ``final.safetensors`` (or the given
-        ``.safetensors`` file), checked against its sha256; a new run starts from them (not a resume:
-        optimiser, schedule and step start afresh)."""
+        ``.safetensors`` file), checked against its sha256 and adapted by the method where its
+        configuration differs (``adapt_initial_state``: 2D weights into a 2.5D unet2d); a new run starts
+        from them (not a resume: optimiser, schedule and step start afresh)."""
         from BrainLesionSAMLib.checkpoints import load_checkpoint
         from BrainLesionSAMLib.errors import WeightsError
 
@@ -262,11 +263,13 @@ class Trainer:
                                       "holds final.safetensors) or a .safetensors checkpoint")
         try:
             state, header = load_checkpoint(path, expected_method=method.facts.name)
-            method.load_state_dict(state, strict=True)
+            adapted = method.adapt_initial_state(state)
+            method.load_state_dict(adapted, strict=True)
         except (WeightsError, RuntimeError) as error:
             raise TrainingConfigError(f"init_from {path} does not fit method '{method.facts.name}' as configured "
                                       f"here: {error}") from None
-        if tensors_sha256(method.state_dict()) != header["sha256"]:
+        expected = header["sha256"] if adapted is state else tensors_sha256(adapted)
+        if tensors_sha256(method.state_dict()) != expected:
             raise TrainingError(f"init_from {path}: the loaded weights differ from the file's (dtype conversion?)")
         self.log(f"initial weights: {path} (config {header.get('training_config')}, "
                  f"{header.get('training_steps')} steps, sha256 {header['sha256'][:12]})")

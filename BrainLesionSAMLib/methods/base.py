@@ -8,6 +8,8 @@ Tensor conventions (B batch, M = 4 modality channels in ``MODALITIES`` order, K 
 
 - 2D methods: ``images`` [B, 4, 256, 256] float in [0, 255] (zeros for missing modalities),
   ``available`` [B, 4] bool, ``boxes`` [B, 4] float (x0, y0, x1, y1) in network pixels or None.
+  2.5D methods (``facts.context_slices`` k > 0): ``images`` [B, 4 * (2k + 1), 256, 256], the slice
+  and its neighbours, modality channels of slice z - k first (``preprocessing.slices_with_context``).
 - 3D methods: ``images`` [B, 4, D, H, W] patches, same value range.
 - Output of ``forward``: logits [B, K, ...]; channel k is label value ``LABEL_SETS[label_set][k]``.
   ``predict_proba`` returns class probabilities summing to 1 over K (softmax of the logits unless
@@ -59,6 +61,10 @@ class MethodFacts:
     # 3D methods: the isotropic voxel size (mm) the network was trained at; the engine resizes a case to
     # it before the sliding window and the probabilities back (None: the input's own grid).
     working_spacing_mm: float | None = None
+    # 2D methods that see neighbouring slices (2.5D): the engine and the trainer give each slice with
+    # ``context_slices`` neighbours on either side, images [B, 4 * (2k + 1), H, W]
+    # (``preprocessing.slices_with_context``); 0: the slice alone.
+    context_slices: int = 0
 
     def __post_init__(self):
         if not set(self.modalities) <= set(MODALITIES) or not self.modalities:
@@ -71,6 +77,8 @@ class MethodFacts:
             raise ValueError(f"{self.name}: a method that requires a box must be promptable")
         if self.working_spacing_mm is not None and (self.spatial_dims != 3 or not self.working_spacing_mm > 0):
             raise ValueError(f"{self.name}: working_spacing_mm is a positive voxel size, for 3D methods only")
+        if self.context_slices and (self.spatial_dims != 2 or self.context_slices < 0):
+            raise ValueError(f"{self.name}: context_slices is a number of neighbouring slices, for 2D methods only")
         if self.label_set not in LABEL_SETS:
             raise ValueError(f"{self.name}: unknown label set {self.label_set!r}")
 
@@ -102,7 +110,8 @@ class MethodFacts:
                 "label_set": self.label_set, "labels": list(self.labels),
                 "promptable": self.promptable, "cacheable_embeddings": self.cacheable_embeddings,
                 "input_size": list(self.input_size), "reference": self.reference,
-                "requires_box": self.requires_box, "cpu_bf16": self.cpu_bf16}
+                "requires_box": self.requires_box, "cpu_bf16": self.cpu_bf16,
+                "context_slices": self.context_slices}
 
 
 class SegmentationMethod(nn.Module, abc.ABC):
@@ -168,6 +177,11 @@ class SegmentationMethod(nn.Module, abc.ABC):
         from ..errors import WeightsError
 
         raise WeightsError(f"method '{self.facts.name}' has no base weights")
+
+    def adapt_initial_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Another configuration's weights (a trainer's ``init_from``) made to fit this instance, where
+        the method knows how (e.g. a 2.5D unet2d from a 2D one); by default unchanged."""
+        return state
 
     # Interpretability: methods that weigh modalities or experts per case (SOFA's sub-region attention,
     # MoME's gate) accumulate those weights over a case's batches. The engine calls ``start_case``

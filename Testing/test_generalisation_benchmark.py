@@ -73,14 +73,20 @@ def test_box_methods_get_the_lesion_box_and_skip_healthy_cases(tmp_path, monkeyp
 
     def make_case(group, index, spec):
         labels = sitk.GetImageFromArray(cases[index])
+        labels.SetSpacing((5.0, 5.0, 5.0))  # 0.125 ml voxels: a 4-voxel speck is 0.5 ml
         return {m: labels for m in bench.MODALITIES}, labels, {"kind": "necrotic_rim" if index == 0 else "healthy"}
 
     calls = []
 
     def segment_images(images, method, box=None, **options):
         calls.append((method.facts.name, box))
-        labels = sitk.GetImageFromArray((truth > 0).astype(np.uint8))
-        return types.SimpleNamespace(result=types.SimpleNamespace(labels=labels))
+        lesion = truth > 0
+        lesion[0, 0:2, 0:2] = True       # plus a 4-voxel speck the network is unsure of
+        confidence = np.where(truth > 0, 0.95, 0.55)
+        probabilities = sitk.GetImageFromArray(np.stack([1 - confidence, confidence], -1).astype(np.float32),
+                                               isVector=True)
+        labels = sitk.GetImageFromArray(lesion.astype(np.uint8))
+        return types.SimpleNamespace(result=types.SimpleNamespace(labels=labels, probabilities=probabilities))
 
     def fake(name, requires_box):
         facts = types.SimpleNamespace(name=name, requires_box=requires_box, label_set="lesion")
@@ -97,4 +103,7 @@ def test_box_methods_get_the_lesion_box_and_skip_healthy_cases(tmp_path, monkeyp
     assert calls == [("dbsam", Box(4, 4, 2, 11, 11, 5)), ("cmaa", None), ("cmaa", None)]
     results = json.loads(out.read_text())["groups"]["synth_training"]
     assert results["box cc>=0.1ml"]["summary"]["cases"] == 1 and results["auto cc>=0.1ml"]["summary"]["cases"] == 2
-    assert results["box cc>=0.1ml"]["summary"]["WT_dice"] == 1.0
+    assert results["box cc>=0.1ml p>=0.6"]["summary"]["WT_dice"] == 1.0  # the unsure speck dropped
+    assert results["box cc>=0.1ml"]["summary"]["fp_lesions_per_case"] == 1  # 0.5 ml: kept by size
+    assert results["box cc>=0.5ml"]["summary"]["fp_lesions_per_case"] == 1
+    assert results["box cc>=0.1ml p>=0.9"]["summary"]["fp_lesions_per_case"] == 0

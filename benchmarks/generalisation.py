@@ -26,7 +26,8 @@ Test groups (seeds never used in training: training pools use (0, pool, i), vali
 
 Every weights file is scored on the same cases with the library's engine (fully automatic, no
 box, except for box-requiring methods), each raw prediction also cleaned by
-``BrainLesionSAMLib.postprocessing`` at every threshold of THRESHOLDS_ML (the engine itself runs with the clean-up off here). Printed per group and model:
+``BrainLesionSAMLib.postprocessing`` at every threshold of THRESHOLDS_ML (the engine itself runs with the clean-up off here)
+and, after the 0.1 ml one, at every component confidence of CONFIDENCES (mean lesion probability). Printed per group and model:
 Dice WT / TC / ET (mean over cases with that region), lesion detection on the whole tumour's
 26-connected components (sensitivity, false-positive lesions per case), labelled volume on healthy
 cases (ml) and the worst predicted / true whole-tumour volume ratio; at the end the same pooled over
@@ -50,12 +51,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from BrainLesionSAMLib.catalogue import resolve_method  # noqa: E402
-from BrainLesionSAMLib.checkpoints import load_checkpoint  # noqa: E402
+from BrainLesionSAMLib.checkpoints import load_method  # noqa: E402
 from BrainLesionSAMLib.conventions import MODALITIES  # noqa: E402
-from BrainLesionSAMLib.methods.unet2d import UNet2DBaseline  # noqa: E402
+from BrainLesionSAMLib.methods import SegmentationMethod  # noqa: E402
 from BrainLesionSAMLib.metrics import evaluate_labels  # noqa: E402
 from BrainLesionSAMLib.pipeline import segment_images  # noqa: E402
-from BrainLesionSAMLib.postprocessing import remove_small_components  # noqa: E402
+from BrainLesionSAMLib.postprocessing import remove_small_components, remove_unconfident_components  # noqa: E402
 from Training.synthesis import SHIFTED, TRAINING, synthesise_case  # noqa: E402
 from Training.trainer import ground_truth_box  # noqa: E402
 
@@ -66,6 +67,19 @@ WEIGHTS = {"phantom (v1)": REPO / "BrainLesionSAMLib/weights/unet2d_sample.safet
            "synthesis (v3)": REPO / "BrainLesionSAMLib/weights/unet2d_synthesis_v3.safetensors"}
 REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
 THRESHOLDS_ML = (0.0, 0.1, 0.5)  # connected-component clean-up swept on the raw prediction
+# ... and, after the engine's 0.1 ml, a component's mean lesion probability (remove_unconfident_components)
+CONFIDENCES = (0.6, 0.75, 0.9)
+VARIANTS = tuple(f"cc>={t:g}ml" for t in THRESHOLDS_ML) + tuple(f"cc>=0.1ml p>={c:g}" for c in CONFIDENCES)
+
+
+def variants(raw: np.ndarray, lesion_probability: np.ndarray, spacing_zyx) -> dict[str, np.ndarray]:
+    """The raw prediction under every clean-up the benchmark scores, by row-name suffix (VARIANTS)."""
+    out = {f"cc>={t:g}ml": remove_small_components(raw, spacing_zyx, t) for t in THRESHOLDS_ML}
+    for confidence in CONFIDENCES:
+        out[f"cc>=0.1ml p>={confidence:g}"] = remove_unconfident_components(out["cc>=0.1ml"], lesion_probability,
+                                                                            confidence)
+    assert tuple(out) == VARIANTS
+    return out
 
 
 def groups() -> dict[str, object]:
@@ -84,11 +98,9 @@ def make_case(group: str, index: int, spec) -> tuple[dict[str, sitk.Image], sitk
     return case.images, case.labels, {"kind": "+".join(kinds), "spacing_zyx": case.info["spacing_zyx"]}
 
 
-def load(path: Path) -> UNet2DBaseline:
-    state, _ = load_checkpoint(path, expected_method="unet2d")
-    method = UNet2DBaseline()
-    method.load_state_dict(state, strict=True)
-    return method.eval()
+def load(path: Path) -> SegmentationMethod:
+    """A unet2d weights file with the configuration its header records (2D or 2.5D)."""
+    return load_method("unet2d", path)
 
 
 def score(prediction: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, ...], label_set: str = "brats") -> dict:
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for group, spec in groups().items():
         if args.groups and group not in args.groups:
             continue
-        rows = {f"{name} cc>={t:g}ml": [] for name in models for t in THRESHOLDS_ML}
+        rows = {f"{name} {suffix}": [] for name in models for suffix in VARIANTS}
         for index in range(args.cases):
             start = time.perf_counter()
             images, labels, info = make_case(group, index, spec)
@@ -221,13 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # a healthy case: no box to draw, the box workflow does not apply
                 shown = {m: images[m] for m in given[name.removesuffix(" +TTA").removesuffix(" +cascade")]}
                 started = time.perf_counter()
-                raw = sitk.GetArrayFromImage(segment_images(shown, method, device="cpu", min_component_ml=0,
-                                                            box=box, **options).result.labels)
+                result = segment_images(shown, method, device="cpu", min_component_ml=0, box=box,
+                                        return_probabilities=True, **options).result
                 seconds = round(time.perf_counter() - started, 1)
-                for threshold in THRESHOLDS_ML:
-                    prediction = remove_small_components(raw, spacing, threshold)
-                    rows[f"{name} cc>={threshold:g}ml"].append({"case": index, **info, "seconds": seconds,
-                                                                **score(prediction, truth, spacing, method.facts.label_set)})
+                raw = sitk.GetArrayFromImage(result.labels)
+                lesion_probability = 1.0 - sitk.GetArrayViewFromImage(result.probabilities)[..., 0]
+                for suffix, prediction in variants(raw, lesion_probability, spacing).items():
+                    rows[f"{name} {suffix}"].append({"case": index, **info, "seconds": seconds,
+                                                     **score(prediction, truth, spacing, method.facts.label_set)})
             print(f"{group} case {index} ({info['kind']}) {time.perf_counter() - start:.0f} s: " + "  ".join(
                 f"{name} WT {rows[name][-1].get('WT_dice', float('nan')):.2f}" for name in rows
                 if rows[name] and rows[name][-1]["case"] == index and ("cc>=0ml" in name or "cc>=0.1ml" in name)),

@@ -575,6 +575,13 @@ def test_a_2p5d_unet_samples_neighbouring_slices_and_starts_from_2d_weights(case
     available = torch.tensor([[True, True, False, True], [True, False, True, True]])
     with torch.no_grad():
         torch.testing.assert_close(wide_model(images, available), flat_model(images[:, 4:8], available))
+    # 'spread': each slice a third of the 2D kernels - the same function where the neighbours equal the slice
+    spread = get_method_class("unet2d")(**small, context_slices=1, context_init="spread").eval()
+    spread.load_state_dict(spread.adapt_initial_state(flat_model.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(spread(images[:, 4:8].repeat(1, 3, 1, 1), available),
+                                   flat_model(images[:, 4:8], available), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(spread(images, available), flat_model(images[:, 4:8], available), atol=1e-3)
     summary = Trainer(config, log=lambda message: None).run()
     trained = load_method("unet2d", out / "final.safetensors")
     assert trained.facts.context_slices == 1 and tensors_sha256(trained.state_dict()) == summary["rank_weight_sha256"][0]

@@ -68,7 +68,7 @@ WEIGHTS = {"phantom (v1)": REPO / "BrainLesionSAMLib/weights/unet2d_sample.safet
 REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
 THRESHOLDS_ML = (0.0, 0.1, 0.5)  # connected-component clean-up swept on the raw prediction
 # ... and, after the engine's 0.1 ml, a component's mean lesion probability (remove_unconfident_components)
-CONFIDENCES = (0.6, 0.75, 0.9)
+CONFIDENCES = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 VARIANTS = tuple(f"cc>={t:g}ml" for t in THRESHOLDS_ML) + tuple(f"cc>=0.1ml p>={c:g}" for c in CONFIDENCES)
 
 

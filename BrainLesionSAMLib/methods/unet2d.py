@@ -41,14 +41,20 @@ class UNet2DBaseline(SegmentationMethod):
         "num_res_units": 1,
         "dropout": 0.0,
         "context_slices": 0,  # neighbouring slices on either side (2.5D); 0: the slice alone
+        # How a 2.5D network's first layer starts from 2D weights (adapt_initial_state): 'centre' (the 2D
+        # kernels on the centre slice, zeros on the neighbours) or 'spread' (each slice 1 / (2k + 1) of them).
+        "context_init": "centre",
     }
     packaged_weights = "unet2d_sample.safetensors"
+    initialisation_keys = ("context_init",)
 
     def __init__(self, **config):
         super().__init__(**config)
         context = self.config["context_slices"]
         if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= 4:
             raise ValueError(f"unet2d: context_slices must be an integer from 0 to 4, not {context!r}")
+        if self.config["context_init"] not in ("centre", "spread", None):
+            raise ValueError(f"unet2d: context_init must be 'centre' or 'spread', not {self.config['context_init']!r}")
         if context:
             self.facts = dataclasses.replace(type(self).facts, context_slices=context,
                                              title=f"2.5D U-Net baseline ({2 * context + 1} slices, any modalities)")
@@ -75,9 +81,12 @@ class UNet2DBaseline(SegmentationMethod):
 
     def adapt_initial_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A 2D unet2d's weights made to fit this 2.5D one: every first-layer kernel that reads the
-        eight 2D input channels gets the image kernels on the centre slice's channels, zeros on the
-        neighbours' and the presence kernels unchanged, so the 2.5D network starts out computing
-        exactly what the 2D one did and training decides what the neighbours add."""
+        eight 2D input channels keeps its presence kernels, and its image kernels go (``context_init``)
+        onto the centre slice's channels with zeros on the neighbours' ('centre': the 2.5D network starts
+        out computing exactly what the 2D one did) or, divided by 2k + 1, onto every slice's ('spread':
+        the same function where the neighbours look like the slice, and a gradient that uses them from
+        the first step; with 'centre' and weight decay the neighbours' kernels stayed small,
+        docs/generalisation.md)."""
         modalities = len(MODALITIES)
         context = self.config["context_slices"]
         if not context:
@@ -90,8 +99,11 @@ class UNet2DBaseline(SegmentationMethod):
                     or wanted.shape[1] != (2 * context + 2) * modalities):
                 continue
             kernel = torch.zeros_like(wanted)
-            centre = context * modalities
-            kernel[:, centre:centre + modalities] = tensor[:, :modalities]
+            if self.config["context_init"] == "spread":
+                kernel[:, :-modalities] = (tensor[:, :modalities] / (2 * context + 1)).repeat(1, 2 * context + 1, 1, 1)
+            else:
+                centre = context * modalities
+                kernel[:, centre:centre + modalities] = tensor[:, :modalities]
             kernel[:, -modalities:] = tensor[:, modalities:]
             adapted[name] = kernel
         return adapted

@@ -17,8 +17,9 @@ A box (``Box``, voxel indices of the reference grid) restricts the result for ev
 nothing outside it is labelled - and is the prompt of promptable methods on each slice it spans.
 
 The result of a fully automatic method is cleaned: nothing outside the brain (the inputs' non-zero
-mask), and no whole-lesion component under ``min_component_ml`` (``postprocessing``; the default
-is measured in docs/generalisation.md). A box-prompted result is the user's box and is not cleaned.
+mask), no whole-lesion component under ``min_component_ml`` and none whose mean lesion probability
+is under ``min_component_confidence`` (``postprocessing``; both defaults are measured in
+docs/generalisation.md). A box-prompted result is the user's box and is not cleaned.
 
 ``cascade`` (another engine, normally the default automatic model's) makes an automatic 2D run
 cheaper: the cascade model segments the case first, and the method runs only on the axial slices
@@ -50,7 +51,8 @@ from .backbones.base import SamBackbone
 from .backbones.openvino_encoder import OpenVINOEncoder, resolve_encoder_runtime
 from .errors import BoxRequiredError, BrainLesionSAMError, CancelledError, GeometryError
 from .methods import SegmentationMethod
-from .postprocessing import DEFAULT_MIN_COMPONENT_ML, remove_small_components
+from .postprocessing import (DEFAULT_MIN_COMPONENT_CONFIDENCE, DEFAULT_MIN_COMPONENT_ML, remove_small_components,
+                             remove_unconfident_components)
 from .preprocessing import PreparedCase, resize_volume, working_shape
 from .uncertainty import disagreement, mirror_axis, mirror_network_box
 
@@ -216,6 +218,7 @@ class InferenceEngine:
     resolved one. amp: the older switch, kept for its callers; given, it overrides ``precision``:
     True = autocast on CUDA and fp32 on the CPU (what it always did), False = fp32.
     min_component_ml: automatic methods drop whole-lesion components smaller than this (0: keep all).
+    min_component_confidence: ... and those whose mean lesion probability is below this (0: keep all).
     encoder_runtime: 'auto', 'torch' or 'openvino' (the module docstring); ``self.encoder_runtime`` is
     the resolved one, 'openvino' only where the method has a SAM backbone.
     """
@@ -225,7 +228,8 @@ class InferenceEngine:
                  embedding_cache: EmbeddingCache | None = None,
                  min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, precision: str = "auto",
                  cascade: "InferenceEngine | None" = None, cascade_margin: int = CASCADE_MARGIN_SLICES,
-                 encoder_runtime: str = "auto"):
+                 encoder_runtime: str = "auto",
+                 min_component_confidence: float = DEFAULT_MIN_COMPONENT_CONFIDENCE):
         if batch_size is not None and batch_size < 1:
             raise BrainLesionSAMError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -236,6 +240,7 @@ class InferenceEngine:
         self.precision = resolve_precision(precision, self.device, method.facts.cpu_bf16)
         self.overlap = overlap
         self.min_component_ml = float(min_component_ml or 0.0)
+        self.min_component_confidence = float(min_component_confidence or 0.0)
         self.embedding_cache = embedding_cache if method.facts.cacheable_embeddings else None
         if cascade is not None and (cascade.method.facts.spatial_dims, method.facts.spatial_dims) != (2, 2):
             raise BrainLesionSAMError("a cascade picks axial slices: both its model and the method must be 2D")
@@ -314,8 +319,10 @@ class InferenceEngine:
         del passes
         labels = labels_lookup[probabilities.argmax(0)]
         labels[~inside] = 0
-        if box is None and self.min_component_ml > 0:  # an automatic run (SOFA without a box too)
+        if box is None and (self.min_component_ml > 0 or self.min_component_confidence > 0):  # automatic run
             cleaned = remove_small_components(labels, case.spacing_zyx, self.min_component_ml)
+            if self.min_component_confidence > 0:
+                cleaned = remove_unconfident_components(cleaned, 1.0 - probabilities[0], self.min_component_confidence)
             # removed specks become background in the probabilities too (not in place: ``inside`` may be
             # the case's own brain mask, which a second run on the same case must find unchanged)
             inside = inside & ((cleaned > 0) | (labels == 0))

@@ -18,7 +18,7 @@ from .engine import Box, CancelCheck, InferenceEngine, ProgressCallback, Segment
 from .errors import GeometryError, InputWarning
 from .io import discover_case, write_image
 from .methods import DEFAULT_METHOD, SegmentationMethod
-from .postprocessing import DEFAULT_MIN_COMPONENT_ML
+from .postprocessing import DEFAULT_MIN_COMPONENT_CONFIDENCE, DEFAULT_MIN_COMPONENT_ML
 from .preprocessing import PreparedCase, prepare_case
 
 
@@ -84,9 +84,11 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
                    batch_size: int | None = None, return_probabilities: bool = False,
                    min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, mirror_tta: bool = False,
                    precision: str = "auto", cascade: bool = False,
-                   encoder_runtime: str = "auto") -> CaseSegmentation:
+                   encoder_runtime: str = "auto",
+                   min_component_confidence: float = DEFAULT_MIN_COMPONENT_CONFIDENCE) -> CaseSegmentation:
     """Check modalities against the method, preprocess, run the engine; nothing is written.
-    ``min_component_ml``: the engine's clean-up of automatic results (0 keeps every component).
+    ``min_component_ml``, ``min_component_confidence``: the engine's clean-up of automatic results (0
+    keeps every component).
     ``mirror_tta``: also run every input mirrored left-right (twice the time); the result then
     carries the uncertainty map (``result.uncertainty``, BrainLesionSAMLib.uncertainty).
     ``precision``: 'fp32', 'bf16' or 'auto' (engine.resolve_precision); ``result.precision`` says which ran.
@@ -107,6 +109,7 @@ def segment_images(images: Mapping[str, sitk.Image | str | os.PathLike],
         first = InferenceEngine(resolve_method(DEFAULT_METHOD), device=device, batch_size=batch_size,
                                 precision=precision)
     engine = InferenceEngine(method, device=device, batch_size=batch_size, min_component_ml=min_component_ml,
+                             min_component_confidence=min_component_confidence,
                              precision=precision, cascade=first, encoder_runtime=encoder_runtime)
     result = engine.segment(case, box=box, progress=progress, cancel=cancel,
                             return_probabilities=return_probabilities, mirror_tta=mirror_tta)

@@ -19,6 +19,8 @@ from scipy import ndimage
 # Measured (benchmarks/generalisation.py, docs/generalisation.md): the threshold that removes most
 # false-positive lesions while costing the least lesion sensitivity.
 DEFAULT_MIN_COMPONENT_ML = 0.1
+# Measured the same way: a component's mean lesion probability below which it is dropped (0: off).
+DEFAULT_MIN_COMPONENT_CONFIDENCE = 0.0
 
 
 def whole_lesion_components(labels: np.ndarray) -> tuple[np.ndarray, int]:

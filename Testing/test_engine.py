@@ -1,4 +1,6 @@
 """The inference engine against an independent slice-by-slice reference, on awkward geometry."""
+import math
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -10,7 +12,7 @@ from BrainLesionSAMLib.errors import BrainLesionSAMError, CancelledError, Geomet
 from BrainLesionSAMLib.methods import MethodFacts, SegmentationMethod, build_method
 from BrainLesionSAMLib.preprocessing import prepare_case
 
-from conftest import blob_case, oblique_direction
+from conftest import blob_case, make_image, oblique_direction
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +289,34 @@ def test_engine_gives_a_2p5d_method_each_slices_neighbours(oblique_case):
         case, return_probabilities=True)
     inside = case.brain_mask
     np.testing.assert_allclose(sitk.GetArrayFromImage(result.probabilities)[inside], expected[inside], atol=1e-5)
+
+
+class TwoLesions(SegmentationMethod):
+    """Labels two square lesions on every slice: one the network is sure of (p 0.9), one it is not (p 0.6)."""
+    facts = MethodFacts(name="testtwolesions", title="test", modalities=("flair",), required_modalities=("flair",),
+                        spatial_dims=2, label_set="lesion", promptable=False, cacheable_embeddings=False,
+                        input_size=(256, 256))
+
+    def forward(self, images, available, boxes=None):
+        lesion = torch.full(images.shape[:1] + images.shape[-2:], -10.0)
+        lesion[:, 88:128, 88:128] = math.log(0.9 / 0.1)      # a 100 x 100 slice sits at 78-178
+        lesion[:, 148:168, 148:168] = math.log(0.6 / 0.4)
+        return torch.stack([torch.zeros_like(lesion), lesion], dim=1)
+
+
+def test_engine_drops_unconfident_components_of_automatic_results_only():
+    """min_component_confidence drops a whole-lesion component whose mean lesion probability is below
+    it, after the size clean-up, in automatic runs only; a boxed result is the network's."""
+    flair = np.random.default_rng(0).uniform(10, 20, (6, 100, 100)).astype(np.float32)
+    flair[:, 95:] = 1.0  # the darkest 5 %: what the percentile clip sends to 0, so brain is everywhere else
+    case = prepare_case({"flair": make_image(flair)})
+    method = TwoLesions().eval()
+    plain = sitk.GetArrayFromImage(InferenceEngine(method, "cpu", min_component_ml=0).segment(case).labels)
+    assert plain[:, 12:48, 12:48].all() and plain[:, 72:88, 72:88].all()  # both lesions, every slice
+    for confidence, expected_sure, expected_unsure in ((0.55, True, True), (0.75, True, False), (0.95, False, False)):
+        engine = InferenceEngine(method, "cpu", min_component_confidence=confidence)
+        labels = sitk.GetArrayFromImage(engine.segment(case).labels)
+        assert labels[:, 12:48, 12:48].all() == expected_sure and labels[:, 72:88, 72:88].any() == expected_unsure
+        assert not labels[:, 72:88, 72:88].any() or labels[:, 72:88, 72:88].all()  # components go whole
+    box = Box(0, 0, 0, 99, 99, 5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(engine.segment(case, box=box).labels), plain)

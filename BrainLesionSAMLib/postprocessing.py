@@ -19,8 +19,11 @@ from scipy import ndimage
 # Measured (benchmarks/generalisation.py, docs/generalisation.md): the threshold that removes most
 # false-positive lesions while costing the least lesion sensitivity.
 DEFAULT_MIN_COMPONENT_ML = 0.1
-# Measured the same way: a component's mean lesion probability below which it is dropped (0: off).
-DEFAULT_MIN_COMPONENT_CONFIDENCE = 0.0
+# Measured the same way (docs/generalisation.md, "Component confidence"): a whole-lesion component whose
+# mean lesion probability is below this is dropped (0: off). On 64 generalisation cases 0.8 cut the false-
+# positive components per case from 11.4 to 3.3 (phantom weights) and 7.9 to 3.8 (synthesis v2) while
+# detecting 68 / 68 and 61 / 63 of the lesions the 0.1 ml clean-up alone detects.
+DEFAULT_MIN_COMPONENT_CONFIDENCE = 0.8
 
 
 def whole_lesion_components(labels: np.ndarray) -> tuple[np.ndarray, int]:

@@ -144,7 +144,7 @@ def test_3d_patch_path_matches_a_single_window():
     case = prepare_case({"flair": images["flair"]})
     # No clean-up: the expectation below is the network alone (it once matched only because the engine
     # shrank case.brain_mask in place, see test_segmenting_leaves_the_prepared_case_unchanged).
-    result = InferenceEngine(method, "cpu", min_component_ml=0).segment(case, return_probabilities=True)
+    result = InferenceEngine(method, "cpu", min_component_ml=0, min_component_confidence=0).segment(case, return_probabilities=True)
     with torch.no_grad():
         direct = method.predict_proba(torch.as_tensor(case.images[None]), torch.as_tensor(case.available[None]))
     expected = np.where(case.brain_mask, direct[0].argmax(0).numpy(), 0)
@@ -248,16 +248,16 @@ def test_cascade_runs_the_method_only_near_the_cascade_models_lesion_slices():
             return probabilities
 
     first = FirstModel().eval()
-    cascade = InferenceEngine(first, "cpu", min_component_ml=0)
+    cascade = InferenceEngine(first, "cpu", min_component_ml=0, min_component_confidence=0)
     method = Counting().eval()
-    engine = InferenceEngine(method, "cpu", cascade=cascade, cascade_margin=1, min_component_ml=0,
+    engine = InferenceEngine(method, "cpu", cascade=cascade, cascade_margin=1, min_component_ml=0, min_component_confidence=0,
                              embedding_cache=EmbeddingCache())
     chosen = engine.cascade_slices(case)
     first_found = np.flatnonzero(sitk.GetArrayFromImage(cascade.segment(case).labels).any(axis=(1, 2)))
     assert len(first_found) and set(chosen) == {z for f in first_found for z in (f - 1, f, f + 1)
                                                 if 0 <= z < case.shape_zyx[0]}
     labels = sitk.GetArrayFromImage(engine.segment(case).labels)
-    plain = sitk.GetArrayFromImage(InferenceEngine(method, "cpu", min_component_ml=0).segment(case).labels)
+    plain = sitk.GetArrayFromImage(InferenceEngine(method, "cpu", min_component_ml=0, min_component_confidence=0).segment(case).labels)
     ran = sorted(set(chosen) & set(case.brain_slices().tolist()))
     np.testing.assert_array_equal(labels[ran], plain[ran])
     others = [z for z in range(case.shape_zyx[0]) if z not in ran]
@@ -285,7 +285,7 @@ def test_engine_gives_a_2p5d_method_each_slices_neighbours(oblique_case):
         with torch.no_grad():
             probabilities = case.slice_geometry.from_network(model.predict_proba(stacked, available))[0]
         expected[z] = probabilities.permute(1, 2, 0).numpy()
-    result = InferenceEngine(model, "cpu", batch_size=4, min_component_ml=0, precision="fp32").segment(
+    result = InferenceEngine(model, "cpu", batch_size=4, min_component_ml=0, min_component_confidence=0, precision="fp32").segment(
         case, return_probabilities=True)
     inside = case.brain_mask
     np.testing.assert_allclose(sitk.GetArrayFromImage(result.probabilities)[inside], expected[inside], atol=1e-5)
@@ -311,7 +311,7 @@ def test_engine_drops_unconfident_components_of_automatic_results_only():
     flair[:, 95:] = 1.0  # the darkest 5 %: what the percentile clip sends to 0, so brain is everywhere else
     case = prepare_case({"flair": make_image(flair)})
     method = TwoLesions().eval()
-    plain = sitk.GetArrayFromImage(InferenceEngine(method, "cpu", min_component_ml=0).segment(case).labels)
+    plain = sitk.GetArrayFromImage(InferenceEngine(method, "cpu", min_component_ml=0, min_component_confidence=0).segment(case).labels)
     assert plain[:, 12:48, 12:48].all() and plain[:, 72:88, 72:88].all()  # both lesions, every slice
     for confidence, expected_sure, expected_unsure in ((0.55, True, True), (0.75, True, False), (0.95, False, False)):
         engine = InferenceEngine(method, "cpu", min_component_confidence=confidence)

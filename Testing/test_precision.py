@@ -63,10 +63,10 @@ def test_fp32_is_the_plain_network_bit_for_bit_and_what_amp_gave_on_the_cpu(monk
     monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: True)
     model = small_unet(cpu_bf16=True)
     expected = plain_fp32_probabilities(model, blob)
-    runs = {"fp32": InferenceEngine(model, "cpu", precision="fp32", min_component_ml=0),
+    runs = {"fp32": InferenceEngine(model, "cpu", precision="fp32", min_component_ml=0, min_component_confidence=0),
             # the engine's old default call: amp=True was autocast on CUDA only, float32 on the CPU
-            "amp=True": InferenceEngine(model, "cpu", amp=True, min_component_ml=0),
-            "amp=False": InferenceEngine(model, "cpu", amp=False, min_component_ml=0)}
+            "amp=True": InferenceEngine(model, "cpu", amp=True, min_component_ml=0, min_component_confidence=0),
+            "amp=False": InferenceEngine(model, "cpu", amp=False, min_component_ml=0, min_component_confidence=0)}
     for name, engine in runs.items():
         result = engine.segment(blob, return_probabilities=True)
         assert engine.precision == result.precision == "fp32", name

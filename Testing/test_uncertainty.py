@@ -57,7 +57,7 @@ def two_pass_reference(model, case, flip_dim):
 def test_map_is_the_disagreement_of_the_plain_and_the_mirrored_pass(model, direction, flip_dim):
     case, labels = case_with(direction)
     fractions = []
-    result = InferenceEngine(model, "cpu", batch_size=3, min_component_ml=0).segment(
+    result = InferenceEngine(model, "cpu", batch_size=3, min_component_ml=0, min_component_confidence=0).segment(
         case, return_probabilities=True, mirror_tta=True, progress=lambda f, m: fractions.append(f))
     plain, mirrored = two_pass_reference(model, case, flip_dim)
 
@@ -110,7 +110,7 @@ def test_a_mirror_symmetric_network_has_zero_uncertainty_and_the_same_labels(mod
 
 def test_tta_off_is_the_plain_result_bit_for_bit(model):
     case, _ = case_with(oblique_direction(30))
-    engine = InferenceEngine(model, "cpu", min_component_ml=0)
+    engine = InferenceEngine(model, "cpu", min_component_ml=0, min_component_confidence=0)
     result = engine.segment(case, return_probabilities=True, mirror_tta=False)
     assert result.uncertainty is None
     np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labels), naive_reference(model, case))
@@ -189,7 +189,7 @@ def test_3d_patch_path_mirrors_along_the_left_right_axis():
     direction = oblique_direction(10)
     images, labels = blob_case((16, 32, 32), spacing=(1.0, 1.0, 2.0), direction=direction)
     case = prepare_case({"flair": images["flair"]})
-    result = InferenceEngine(method, "cpu", min_component_ml=0).segment(case, mirror_tta=True, return_probabilities=True)
+    result = InferenceEngine(method, "cpu", min_component_ml=0, min_component_confidence=0).segment(case, mirror_tta=True, return_probabilities=True)
     flip = 2 + (2 - int(np.argmax(np.abs(np.reshape(direction, (3, 3))[0]))))  # dim of [B, C, D, H, W]
     volume, available = torch.as_tensor(case.images[None]), torch.as_tensor(case.available[None])
     with torch.no_grad():  # the case is one window: the sliding window is the network on the volume

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # a healthy case: no box to draw, the box workflow does not apply
                 shown = {m: images[m] for m in given[name.removesuffix(" +TTA").removesuffix(" +cascade")]}
                 started = time.perf_counter()
-                result = segment_images(shown, method, device="cpu", min_component_ml=0, box=box,
+                result = segment_images(shown, method, device="cpu", min_component_ml=0, min_component_confidence=0, box=box,
                                         return_probabilities=True, **options).result
                 seconds = round(time.perf_counter() - started, 1)
                 raw = sitk.GetArrayFromImage(result.labels)

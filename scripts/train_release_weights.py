@@ -4,7 +4,7 @@ and the CPU releases of CMAA, DB-SAM, BrainSegDMIF and MoME (issue 21).
     python scripts/train_release_weights.py [--config CONFIG] [--threads N] [--export-only [--which last]]
 
 CONFIG: ``unet2d_synthesis`` (unet2d-synthesis-v2), ``unet2d_synthesis_v3``, ``unet2d_synthesis_2p5d`` and
-``unet2d_synthesis_2p5d_spread`` (v3's run with a 2.5D network, two starts of its first layer), ``cmaa_release``
+``unet2d_synthesis_2p5d_spread`` (v3's run with a 2.5D network, two starts of its first layer; measured, not exported), ``cmaa_release``
 (cmaa-lite128-v1), ``cmaa_release_flair`` (its single-FLAIR control: trained for the comparison in
 docs/phantom_study.md, not shipped), ``dbsam_release`` (dbsam-lite128-v2), ``brainsegdmif_release``
 (brainsegdmif-lite128-v1) or ``mome_release`` (mome-2mm-v1: shipped from step 650 of its planned 1200
@@ -40,8 +40,8 @@ WEIGHTS = REPO / "BrainLesionSAMLib" / "weights"
 #            storage: float16 where float32 would exceed the ~25 MB a release file may take)
 TARGETS = {"unet2d_synthesis": (WEIGHTS / "unet2d_synthesis.safetensors", False, "float32"),        # unet2d-synthesis-v2
            "unet2d_synthesis_v3": (WEIGHTS / "unet2d_synthesis_v3.safetensors", False, "float32"),  # unet2d-synthesis-v3
-           "unet2d_synthesis_2p5d": (WEIGHTS / "unet2d_synthesis_2p5d.safetensors", False, "float32"),  # 2.5D, same budget as v3
-           "unet2d_synthesis_2p5d_spread": (WEIGHTS / "unet2d_synthesis_2p5d_spread.safetensors", False, "float32"),
+           "unet2d_synthesis_2p5d": (None, False, "float32"),          # 2.5D at v3's budget: measured, not shipped
+           "unet2d_synthesis_2p5d_spread": (None, False, "float32"),   # (benchmark runs/<config>/final.safetensors)
            "cmaa_release": (WEIGHTS / "cmaa_lite128.safetensors", True, "float32"),                 # cmaa-lite128-v1
            "cmaa_release_flair": (None, True, "float32"),
            "dbsam_release": (WEIGHTS / "dbsam_lite128.safetensors", True, "float16"),               # dbsam-lite128-v2

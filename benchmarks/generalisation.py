@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,7 +55,8 @@ from BrainLesionSAMLib.conventions import MODALITIES  # noqa: E402
 from BrainLesionSAMLib.methods import SegmentationMethod  # noqa: E402
 from BrainLesionSAMLib.metrics import evaluate_labels  # noqa: E402
 from BrainLesionSAMLib.pipeline import segment_images  # noqa: E402
-from BrainLesionSAMLib.postprocessing import remove_small_components, remove_unconfident_components  # noqa: E402
+from BrainLesionSAMLib.postprocessing import (remove_small_components, remove_unconfident_components,  # noqa: E402
+                                             whole_lesion_components)
 from Training.synthesis import SHIFTED, TRAINING, synthesise_case  # noqa: E402
 from Training.trainer import ground_truth_box  # noqa: E402
 
@@ -120,9 +120,8 @@ def score(prediction: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, .
     # BrainLesionSAMLib.lesion_metrics, which is too slow for the hundreds of specks of a raw 2D model):
     # a true lesion is detected when a predicted voxel touches it, a predicted component is a false
     # positive when it touches no true lesion.
-    structure = np.ones((3, 3, 3), bool)
-    true_components, true_count = ndimage.label(truth > 0, structure=structure)
-    predicted_components, predicted_count = ndimage.label(prediction > 0, structure=structure)
+    true_components, true_count = whole_lesion_components(truth)
+    predicted_components, predicted_count = whole_lesion_components(prediction)
     row["lesions"] = int(true_count)
     row["detected"] = int(len(np.unique(true_components[(prediction > 0) & (true_components > 0)])))
     row["false_positive_lesions"] = int(predicted_count - len(np.unique(predicted_components[(truth > 0) & (predicted_components > 0)])))
